@@ -1,0 +1,374 @@
+"""The preprocess job: raw text or trajectories -> tokenized ArrayRecord shards + manifest.
+
+    python -m pipelines.preprocess --dataset tinystories --input 'data/*.txt' --output out/ds
+
+Graph: work units -> read + validate (bad records to the dead letters) -> split by content
+hash -> [train a BPE on a hash-chosen sample of the train split] -> tokenize -> group by
+(split, shard) -> sort by key, write each shard locally and copy it into place -> manifest
+last. Every choice derives from content hashes, so output bytes do not depend on the
+runner, the worker count or arrival order.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+import time
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    SetupOptions,
+    StandardOptions,
+    WorkerOptions,
+)
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from pipelines import config as config_lib
+from pipelines import documents, manifest, records, sources, storage, tokenizer
+from pipelines.config import PreprocessConfig
+from pipelines.documents import BadRecord, Document
+from pipelines.manifest import ShardInfo
+from pipelines.sources import UserError
+
+NAMESPACE = "preprocess"
+PROMPT_SUFFIX = "\n"  # ends the prompt so the response starts on a fresh pre-token
+DEFAULT_LOCAL_RUNNER = "FnApiRunner"  # DirectRunner first tries Prism, a download
+_FAILURE = "preprocess failed: "
+
+
+class JobFailure(RuntimeError):
+    """Raised inside the pipeline for a data problem the user must fix (one line)."""
+
+    def __init__(self, message: str):
+        super().__init__(_FAILURE + message)
+
+
+# --------------------------------------------------------------------------- DoFns
+
+
+class ReadAndValidate(beam.DoFn):
+    """Work unit -> (split, Document), or a BadRecord on the 'bad' output."""
+
+    BAD = "bad"
+
+    def __init__(self, config: PreprocessConfig):
+        self._config = config
+
+    def process(self, unit: sources.WorkUnit):
+        c = self._config
+        for raw in sources.read_unit(unit, c.tfds_data_dir):
+            result = documents.validate(raw, c.dataset, c.text_field, c.max_doc_chars)
+            if isinstance(result, BadRecord):
+                Metrics.counter(NAMESPACE, f"bad_records_{result.reason}").inc()
+                yield beam.pvalue.TaggedOutput(self.BAD, result)
+            else:
+                split = records.split_of(result.key, c.validation_fraction)
+                Metrics.counter(NAMESPACE, f"documents_{split}").inc()
+                yield split, result
+
+
+class Tokenize(beam.DoFn):
+    """A batch of (split, Document) -> ((split, shard), (key, record bytes, token count))."""
+
+    def __init__(self, config: PreprocessConfig):
+        self._config = config
+        self._json: str | None = None
+
+    def _load(self, tokenizer_json: str) -> None:
+        if tokenizer_json != self._json:
+            self._tokenizer = tokenizer.parse(tokenizer_json)
+            self._ids = tokenizer.special_ids(self._tokenizer, self._config.mask_token)
+            self._dtype = records.token_dtype(self._tokenizer.get_vocab_size(with_added_tokens=True))
+            self._json = tokenizer_json
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def process(self, batch: list[tuple[str, Document]], tokenizer_json: str):
+        self._load(tokenizer_json)
+        bos = [] if self._ids.bos is None else [self._ids.bos]
+        eos = [self._ids.eos]
+        docs = [doc for _, doc in batch]
+        if self._config.dataset == "dmax_trajectories":
+            prompts = self._encode([d.texts[0] + PROMPT_SUFFIX for d in docs])
+            responses = self._encode([d.texts[1] for d in docs])
+            fields = [[bos + p, r + eos] for p, r in zip(prompts, responses)]
+        else:
+            fields = [[bos + ids + eos] for ids in self._encode([d.texts[0] for d in docs])]
+        tokens = Metrics.counter(NAMESPACE, "tokens")
+        for (split, doc), doc_fields in zip(batch, fields):
+            count = sum(len(f) for f in doc_fields)
+            tokens.inc(count)
+            shard = records.shard_of(doc.key, self._num_shards(split))
+            yield (split, shard), (doc.key, records.encode(doc_fields, self._dtype), count)
+
+    def _num_shards(self, split: str) -> int:
+        c = self._config
+        return c.num_shards if split == "train" else c.num_validation_shards
+
+
+class WriteShard(beam.DoFn):
+    """(split, shard) + its records -> the shard file in place, sorted by key; its ShardInfo."""
+
+    def __init__(self, output: str, shard_counts: dict[str, int]):
+        self._output = output
+        self._shard_counts = shard_counts
+
+    def process(self, element):
+        (split, index), items = element
+        # Sorting by key (then bytes, for identical documents) fixes the order whatever
+        # the arrival order; None marks the placeholder that makes empty shards exist.
+        rows = sorted(item for item in items if item is not None)
+        name = records.shard_name(split, index, self._shard_counts[split])
+        with tempfile.TemporaryDirectory() as tmp:
+            local = f"{tmp}/{name}"
+            writer = ArrayRecordWriter(local, "group_size:1")
+            for _, record, _ in rows:
+                writer.write(record)
+            writer.close()
+            size, sha = storage.copy_local_file_atomic(local, storage.join(self._output, name))
+        Metrics.counter(NAMESPACE, "shards_written").inc()
+        yield ShardInfo(split, index, name, len(rows), sum(n for _, _, n in rows), size, sha)
+
+
+def write_dead_letters(bad: list[BadRecord], output: str) -> int:
+    lines = sorted(bad, key=lambda b: (b.source, b.position))
+    data = "".join(b.to_json() + "\n" for b in lines).encode("utf-8")
+    storage.write_bytes_atomic(storage.join(output, manifest.DEAD_LETTER), data)
+    return len(lines)
+
+
+def write_tokenizer(tokenizer_json: str, output: str) -> str:
+    storage.write_bytes_atomic(storage.join(output, manifest.TOKENIZER), tokenizer_json.encode())
+    return tokenizer.sha256(tokenizer_json)
+
+
+def write_manifest(
+    _, config: PreprocessConfig, sources_read: list[str], tokenizer_json: str,
+    tokenizer_sha: str, shards: list[ShardInfo], bad_by_reason: dict[str, int], dead_letters: int,
+) -> None:
+    good = sum(s.num_records for s in shards)
+    bad = sum(bad_by_reason.values())
+    assert bad == dead_letters, "every bad record is a dead letter"
+    if good == 0:
+        raise JobFailure(f"the inputs hold no valid document ({bad} bad records, see the dead letters)")
+    if bad > config.max_bad_fraction * (good + bad):
+        raise JobFailure(
+            f"{bad} of {good + bad} records are bad ({bad / (good + bad):.2%} > "
+            f"--max_bad_fraction {config.max_bad_fraction}); see "
+            f"{storage.join(config.output, manifest.DEAD_LETTER)}"
+        )
+    tok = tokenizer.parse(tokenizer_json)
+    content = manifest.build(
+        dataset=config.dataset,
+        fields=documents.DATASET_FIELDS[config.dataset],
+        vocab_size=tok.get_vocab_size(with_added_tokens=True),
+        tokenizer_sha256=tokenizer_sha,
+        special_ids=tokenizer.special_ids(tok, config.mask_token)._asdict(),
+        tokenizer_trained=config.tokenizer is None,
+        shards=shards,
+        bad_by_reason=bad_by_reason,
+        sources=sources_read,
+        options=config.manifest_options(),
+    )
+    storage.write_bytes_atomic(storage.join(config.output, manifest.MANIFEST), manifest.dumps(content))
+
+
+# --------------------------------------------------------------------------- graph
+
+
+def _training_text(doc: Document) -> tuple[str, str]:
+    return doc.key, "\n".join(doc.texts)
+
+
+def train_tokenizer(train_docs, config: PreprocessConfig):
+    """A singleton PCollection: the JSON of a BPE trained on the lowest-hash train documents."""
+    return (
+        train_docs
+        | "TextForTokenizer" >> beam.Map(_training_text)
+        | "SampleForTokenizer" >> beam.combiners.Top.Smallest(config.tokenizer_train_docs)
+        | "TrainBPE" >> beam.Map(
+            lambda sample: tokenizer.train_bpe((text for _, text in sample), config.vocab_size)
+        )
+    )
+
+
+def build_pipeline(
+    pipeline: beam.Pipeline, config: PreprocessConfig, units: list[sources.WorkUnit],
+    sources_read: list[str], tokenizer_json: str | None,
+) -> None:
+    out = config.output
+    shard_counts = {"train": config.num_shards, "validation": config.num_validation_shards}
+
+    parsed = (
+        pipeline
+        | "WorkUnits" >> beam.Create(units)
+        | "SpreadUnits" >> beam.Reshuffle()
+        | "ReadAndValidate" >> beam.ParDo(ReadAndValidate(config)).with_outputs(
+            ReadAndValidate.BAD, main="docs"
+        )
+    )
+    docs, bad = parsed.docs, parsed[ReadAndValidate.BAD]
+
+    if tokenizer_json is None:
+        train_docs = docs | "TrainSplit" >> beam.Filter(lambda kv: kv[0] == "train") | beam.Values()
+        tokenizer_pc = train_tokenizer(train_docs, config)
+    else:
+        tokenizer_pc = pipeline | "GivenTokenizer" >> beam.Create([tokenizer_json])
+    tokenizer_side = beam.pvalue.AsSingleton(tokenizer_pc)
+
+    placeholders = pipeline | "EveryShard" >> beam.Create(
+        [((split, i), None) for split, count in shard_counts.items() for i in range(count)]
+    )
+    encoded = (
+        docs
+        | "Batch" >> beam.BatchElements(min_batch_size=16, max_batch_size=1024)
+        | "Tokenize" >> beam.ParDo(Tokenize(config), tokenizer_side)
+    )
+    shards = (
+        (encoded, placeholders)
+        | "WithEmptyShards" >> beam.Flatten()
+        | "GroupByShard" >> beam.GroupByKey()
+        | "WriteShards" >> beam.ParDo(WriteShard(out, shard_counts))
+    )
+    dead_letters = (
+        bad
+        | "GatherBad" >> beam.combiners.ToList()
+        | "WriteDeadLetters" >> beam.Map(write_dead_letters, out)
+    )
+    bad_counts = (
+        bad | "BadReason" >> beam.Map(lambda b: (b.reason, 1)) | "CountBad" >> beam.CombinePerKey(sum)
+    )
+    tokenizer_sha = tokenizer_pc | "WriteTokenizer" >> beam.Map(write_tokenizer, out)
+
+    # The manifest step reads everything else as side inputs, so it runs last.
+    _ = (
+        pipeline
+        | "ManifestTrigger" >> beam.Create([None])
+        | "WriteManifest" >> beam.Map(
+            write_manifest,
+            config=config,
+            sources_read=sources_read,
+            tokenizer_json=tokenizer_side,
+            tokenizer_sha=beam.pvalue.AsSingleton(tokenizer_sha),
+            shards=beam.pvalue.AsList(shards),
+            bad_by_reason=beam.pvalue.AsDict(bad_counts),
+            dead_letters=beam.pvalue.AsSingleton(dead_letters),
+        )
+    )
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+def pipeline_options(beam_args: list[str]) -> PipelineOptions:
+    if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
+        beam_args = [f"--runner={DEFAULT_LOCAL_RUNNER}", *beam_args]
+    options = PipelineOptions(beam_args)
+    runner = options.view_as(StandardOptions).runner or ""
+    setup = options.view_as(SetupOptions)
+    if "Dataflow" in runner and not (
+        setup.setup_file or setup.requirements_file or options.view_as(WorkerOptions).sdk_container_image
+    ):
+        raise UserError(
+            "DataflowRunner workers need this package: pass --setup_file ./setup.py "
+            "(from the repository root) or --sdk_container_image with it installed"
+        )
+    return options
+
+
+def load_given_tokenizer(config: PreprocessConfig) -> str | None:
+    if config.tokenizer is None:
+        return None
+    try:
+        text = storage.read_bytes(config.tokenizer).decode("utf-8")
+    except Exception as e:
+        raise UserError(f"cannot read --tokenizer {config.tokenizer}: {sources.first_line(e)}") from None
+    tokenizer.special_ids(tokenizer.parse(text, config.tokenizer), config.mask_token, config.tokenizer)
+    return text
+
+
+def plan(config: PreprocessConfig) -> tuple[list[sources.WorkUnit], list[str]]:
+    """(work units, source names); every input problem surfaces here, before any write."""
+    if config.dataset == "tfds":
+        specs = [sources.TfdsInput.parse(p) for p in config.input_patterns]
+        units = [u for s in specs for u in sources.plan_tfds_units(s, config.tfds_data_dir)]
+        return units, [s.source for s in specs]
+    files = sources.expand_inputs(config.input_patterns)
+    return sources.plan_file_units(files, config.read_chunk_bytes), [path for path, _ in files]
+
+
+def prepare_output(config: PreprocessConfig) -> None:
+    manifest_path = storage.join(config.output, manifest.MANIFEST)
+    if storage.exists(manifest_path):
+        if not config.overwrite:
+            raise UserError(
+                f"{config.output} already holds a finished dataset (manifest.json); "
+                f"pass --overwrite to replace it or choose another --output"
+            )
+        # The manifest goes first, so a crash from here on never leaves a mixed set that looks done.
+        storage.delete_matching(manifest_path)
+        for pattern in ("*.array_record", manifest.TOKENIZER, manifest.DEAD_LETTER):
+            storage.delete_matching(storage.join(config.output, pattern))
+
+
+def run(config: PreprocessConfig, beam_args: list[str]):
+    """Runs the job to completion; returns Beam's PipelineResult."""
+    options = pipeline_options(beam_args)
+    tokenizer_json = load_given_tokenizer(config)
+    units, sources_read = plan(config)
+    prepare_output(config)
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, config, units, sources_read, tokenizer_json)
+    result = pipeline.run()
+    result.wait_until_finish()
+    return result
+
+
+def summary(result, config: PreprocessConfig, seconds: float) -> str:
+    counters = {
+        c.key.metric.name: c.committed if c.committed is not None else c.attempted
+        for c in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    }
+    tokens = counters.get("tokens", 0)
+    lines = [
+        f"preprocess finished in {seconds:.1f}s -> {config.output}",
+        f"  documents   train {counters.get('documents_train', 0):,}   "
+        f"validation {counters.get('documents_validation', 0):,}",
+        f"  tokens      {tokens:,} ({tokens / max(seconds, 1e-9):,.0f}/s)",
+        f"  shards      {counters.get('shards_written', 0)} written",
+    ]
+    bad = {k[len("bad_records_"):]: v for k, v in sorted(counters.items()) if k.startswith("bad_records_")}
+    lines.append(
+        "  bad records " + (", ".join(f"{k} {v:,}" for k, v in bad.items()) if bad else "none")
+        + (f" (see {manifest.DEAD_LETTER})" if bad else "")
+    )
+    lines.append(f"  manifest    {storage.join(config.output, manifest.MANIFEST)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config, beam_args = config_lib.parse(argv)
+        start = time.perf_counter()
+        result = run(config, beam_args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # Beam wraps DoFn errors; surface ours as their one line
+        found = re.search(re.escape(_FAILURE) + r"(.*)", str(e))
+        if not found:
+            raise
+        print(f"error: {found.group(1).strip()}", file=sys.stderr)
+        return 1
+    print(summary(result, config, time.perf_counter() - start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
