@@ -2,12 +2,22 @@
 
 import logging
 
+JOB_FAILURE_PREFIX = "preprocess failed: "
 
-class _DropBeamOptionalClientWarning(logging.Filter):
-    # Beam's GCS module warns on import that BigQuery clients are absent; they are only in
-    # the [gcp] extra and this job never uses them.
+
+class _QuietExpectedBeamLogs(logging.Filter):
+    """Drops two log records that are noise to our users:
+
+    - Beam's GCS module warns on import that BigQuery clients are absent; they come only
+      with the [gcp] extra and this job never uses them.
+    - The runner logs a failing DoFn's traceback; for our own JobFailure the launcher
+      already prints the one line that says what to fix.
+    """
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("apitools not found")
+        message = record.getMessage()
+        return not (message.startswith("apitools not found") or JOB_FAILURE_PREFIX in message)
 
 
-logging.getLogger().addFilter(_DropBeamOptionalClientWarning())
+logging.getLogger().addFilter(_QuietExpectedBeamLogs())
+logging.getLogger("apache_beam.runners.common").addFilter(_QuietExpectedBeamLogs())

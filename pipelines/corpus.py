@@ -12,6 +12,7 @@ stories separated by lines that hold exactly `<|endoftext|>`.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 from collections.abc import Iterator
 
@@ -116,6 +117,7 @@ def generate_stories(num_stories: int, seed: int = 0) -> Iterator[str]:
 def write_tinystories_layout(stories: Iterator[str], path: str) -> int:
     """Writes stories in the TinyStoriesV2 text layout; returns how many were written."""
     count = 0
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for story in stories:
             f.write(f"{story}\n{SEPARATOR}\n")

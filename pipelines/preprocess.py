@@ -27,6 +27,7 @@ from apache_beam.options.pipeline_options import (
 )
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from pipelines import JOB_FAILURE_PREFIX
 from pipelines import config as config_lib
 from pipelines import documents, manifest, records, sources, storage, tokenizer
 from pipelines.config import PreprocessConfig
@@ -37,7 +38,7 @@ from pipelines.sources import UserError
 NAMESPACE = "preprocess"
 PROMPT_SUFFIX = "\n"  # ends the prompt so the response starts on a fresh pre-token
 DEFAULT_LOCAL_RUNNER = "FnApiRunner"  # DirectRunner first tries Prism, a download
-_FAILURE = "preprocess failed: "
+_FAILURE = JOB_FAILURE_PREFIX
 
 
 class JobFailure(RuntimeError):
@@ -226,7 +227,7 @@ def build_pipeline(
     )
     encoded = (
         docs
-        | "Batch" >> beam.BatchElements(min_batch_size=16, max_batch_size=1024)
+        | "Batch" >> beam.BatchElements(min_batch_size=256, max_batch_size=4096)
         | "Tokenize" >> beam.ParDo(Tokenize(config), tokenizer_side)
     )
     shards = (
@@ -351,6 +352,15 @@ def summary(result, config: PreprocessConfig, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def job_failure_message(error: BaseException) -> str | None:
+    """Our JobFailure's one line out of the runner's wrapping (repeats, step names)."""
+    for line in str(error).splitlines():
+        if _FAILURE in line:
+            message = line.rsplit(_FAILURE, 1)[1]
+            return re.sub(r" \[while running '[^']*'\]$", "", message).strip()
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -361,10 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # Beam wraps DoFn errors; surface ours as their one line
-        found = re.search(re.escape(_FAILURE) + r"(.*)", str(e))
-        if not found:
+        message = job_failure_message(e)
+        if message is None:
             raise
-        print(f"error: {found.group(1).strip()}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 1
     print(summary(result, config, time.perf_counter() - start))
     return 0
