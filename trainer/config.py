@@ -1,0 +1,175 @@
+"""The trainer's typed config: YAML + `key=value` overrides, validated before anything compiles."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A config problem: reported as one line naming the key, exit code 2."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    vocab_size: int = 0  # the dataset tokenizer's vocab size; 0 = read it from the manifest
+    hidden: int = 256  # model width
+    layers: int = 4  # transformer blocks
+    heads: int = 4  # attention heads; hidden must divide evenly
+    mlp_hidden: int = 704  # SwiGLU inner width
+    max_seq_len: int = 256  # longest sequence the model accepts
+    rope_theta: float = 10_000.0  # RoPE base
+    tie_embeddings: bool = True  # output head shares the token embedding
+    compute_dtype: str = "float32"  # float32 | bfloat16 (params stay float32)
+    remat: bool = False  # recompute block activations in the backward pass
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: str = ""  # a preprocess output directory (local or gs://)
+    seq_len: int = 256  # packed row length
+    packing_bins: int = 32  # rows filled at once by first-fit packing
+    num_workers: int = 0  # Grain worker processes (0 = in the trainer process)
+    prefetch: int = 2  # batches each worker prepares ahead
+
+
+@dataclasses.dataclass
+class ObjectiveConfig:
+    name: str = "mdlm"  # mdlm | ar
+    noise_schedule: str = "loglinear"  # loglinear | linear | cosine (mdlm)
+    antithetic: bool = True  # low-discrepancy time sampling across the batch (mdlm)
+    eps: float = 1e-3  # smallest diffusion time (mdlm)
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate
+    warmup_steps: int = 100  # linear warmup from 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at train.steps
+    b1: float = 0.9  # AdamW beta1
+    b2: float = 0.95  # AdamW beta2
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # global-norm clipping (0 disables)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    global_batch: int = 16  # rows per optimizer step, over all devices and accumulation
+    grad_accum: int = 1  # micro-batches per optimizer step
+    checkpoint_every: int = 100  # save every N steps (and at the end)
+    keep_last: int = 3  # committed checkpoints kept
+    keep_every: int = 0  # also keep every K-th step for evals to catch up (0 = off)
+    log_every: int = 10  # metrics.jsonl / progress cadence
+    nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+
+
+@dataclasses.dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled (WANDB_MODE overrides)
+    project: str = "diffusion-lm-jax"  # wandb project
+
+
+@dataclasses.dataclass
+class Config:
+    run_dir: str = ""  # holds config.yaml, metrics.jsonl, checkpoints/
+    seed: int = 0  # data order, init and noise all derive from it
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+
+    def validate(self, num_devices: int = 1) -> None:
+        m, d, t = self.model, self.data, self.train
+        rules = [
+            (bool(self.run_dir), "run_dir", "is required"),
+            (m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the dataset)"),
+            (bool(d.path), "data.path", "is required (a preprocess output directory)"),
+            (m.hidden % m.heads == 0, "model.heads", f"must divide model.hidden {m.hidden}"),
+            ((m.hidden // m.heads) % 2 == 0, "model.heads", "must leave an even head size for RoPE"),
+            (m.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype", "must be float32 or bfloat16"),
+            (0 < d.seq_len <= m.max_seq_len, "data.seq_len", f"must be in [1, model.max_seq_len={m.max_seq_len}]"),
+            (d.packing_bins >= 1, "data.packing_bins", "must be at least 1"),
+            (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
+            (self.objective.name in ("mdlm", "ar"), "objective.name", "must be mdlm or ar"),
+            (self.objective.noise_schedule in ("loglinear", "linear", "cosine"), "objective.noise_schedule",
+             "must be loglinear, linear or cosine"),
+            (0 < self.objective.eps < 1, "objective.eps", "must be in (0, 1)"),
+            (t.steps >= 1, "train.steps", "must be at least 1"),
+            (t.grad_accum >= 1, "train.grad_accum", "must be at least 1"),
+            (t.global_batch % (t.grad_accum * num_devices) == 0, "train.global_batch",
+             f"must be divisible by grad_accum x devices = {t.grad_accum * num_devices}"),
+            (t.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1"),
+            (t.keep_last >= 1, "train.keep_last", "must be at least 1"),
+            (t.log_every >= 1, "train.log_every", "must be at least 1"),
+            (t.nan_policy in ("stop", "skip"), "train.nan_policy", "must be stop or skip"),
+            (self.optim.lr > 0, "optim.lr", "must be positive"),
+            (self.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", "must be offline, online or disabled"),
+        ]
+        for ok, key, message in rules:
+            if not ok:
+                raise ConfigError(f"{key} {message}")
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[annotation]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {annotation}, got {value!r}")
+    return value
+
+
+def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"{key} is not a config key (known: {', '.join(sorted(fields))})")
+        current = getattr(target, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a mapping")
+            _apply(current, value, f"{key}.")
+        else:
+            setattr(target, name, _check_type(key, value, fields[name].type))
+
+
+def _override(assignment: str) -> dict[str, Any]:
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r} must look like key=value (nested keys with dots)")
+    value = yaml.safe_load(text) if text else ""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def load(path: str | None, overrides: list[str]) -> Config:
+    config = Config()
+    if path is not None:
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys")
+        _apply(config, values)
+    for assignment in overrides:
+        _apply(config, _override(assignment))
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

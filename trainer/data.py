@@ -1,0 +1,132 @@
+"""Training batches from a preprocess output: manifest checks and the Grain pipeline.
+
+ArrayRecord shards (manifest order) -> global seeded shuffle -> repeat (reshuffled each
+epoch) -> this process's records -> decode -> split documents longer than seq_len ->
+first-fit packing into seq_len rows (tokens, segment ids, positions) -> batch ->
+optional multiprocess prefetch. The order is a pure function of (seed, step), and the
+iterator's state is checkpointed with the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import grain
+import numpy as np
+from etils import epath
+
+from trainer.config import Config, ModelConfig
+
+FORMAT_VERSION = 1
+# Longest document, in rows of seq_len, that splitting accepts (Grain needs a bound).
+MAX_ROWS_PER_DOCUMENT = 4096
+
+
+class DataError(Exception):
+    """The dataset cannot feed this config: one line, exit code 2."""
+
+
+def load_manifest(path: str) -> dict[str, Any]:
+    manifest_path = epath.Path(path) / "manifest.json"
+    if not manifest_path.exists():
+        raise DataError(f"{path} has no manifest.json: not a finished preprocess output (data.path)")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{manifest_path} has format_version {manifest.get('format_version')}, "
+                        f"this trainer reads {FORMAT_VERSION}")
+    return manifest
+
+
+def check_dataset(path: str, manifest: dict[str, Any], model: ModelConfig) -> None:
+    """Refuses a shard set whose tokenizer or record counts disagree with the manifest or model."""
+    tok = manifest["tokenizer"]
+    if tok["vocab_size"] != model.vocab_size:
+        raise DataError(f"model.vocab_size {model.vocab_size} does not match the dataset's "
+                        f"tokenizer ({tok['vocab_size']} tokens in {path}/tokenizer.json)")
+    tokenizer_bytes = (epath.Path(path) / tok["file"]).read_bytes()
+    if hashlib.sha256(tokenizer_bytes).hexdigest() != tok["sha256"]:
+        raise DataError(f"{path}/{tok['file']} does not match the manifest's sha256: the dataset was altered")
+    for split in ("train", "validation"):
+        for shard in manifest["splits"][split]["shards"]:
+            shard_path = str(epath.Path(path) / shard["file"])
+            try:
+                count = len(grain.sources.ArrayRecordDataSource([shard_path]))
+            except Exception as e:
+                raise DataError(f"cannot read shard {shard_path}: {str(e).splitlines()[0]}") from None
+            if count != shard["num_records"]:
+                raise DataError(f"{shard_path} holds {count} records but the manifest says "
+                                f"{shard['num_records']}: re-run preprocess")
+
+
+def special_ids(manifest: dict[str, Any]) -> dict[str, int | None]:
+    return manifest["tokenizer"]["special_ids"]
+
+
+class _Decode(grain.transforms.Map):
+    """Record bytes -> all fields' token ids concatenated (prompt then response for trajectories)."""
+
+    def __init__(self, num_fields: int, dtype: str):
+        self._num_fields, self._dtype = num_fields, np.dtype(dtype).newbyteorder("<")
+
+    def map(self, record: bytes) -> dict[str, np.ndarray]:
+        ids = np.frombuffer(record, self._dtype, offset=4 * self._num_fields)
+        return {"tokens": ids.astype(np.int32)}
+
+
+class _SplitLongDocuments(grain.experimental.FlatMapTransform):
+    """A document longer than seq_len becomes consecutive seq_len pieces: split, never dropped."""
+
+    max_fan_out = MAX_ROWS_PER_DOCUMENT
+
+    def __init__(self, seq_len: int):
+        self._seq_len = seq_len
+
+    def flat_map(self, element):
+        tokens = element["tokens"]
+        return [{"tokens": tokens[i : i + self._seq_len]} for i in range(0, len(tokens), self._seq_len)]
+
+
+def shard_paths(path: str, manifest: dict[str, Any], split: str) -> list[str]:
+    return [str(epath.Path(path) / s["file"]) for s in manifest["splits"][split]["shards"]]
+
+
+def packed_dataset(
+    cfg: Config, manifest: dict[str, Any], split: str, batch_size: int, *, shuffle: bool,
+    repeat: bool, process_index: int = 0, process_count: int = 1,
+) -> grain.IterDataset:
+    """Batches of {tokens, tokens_segment_ids, tokens_positions}, each [batch_size, seq_len] int32."""
+    schema = manifest["record_schema"]
+    source = grain.sources.ArrayRecordDataSource(shard_paths(cfg.data.path, manifest, split))
+    ds = grain.MapDataset.source(source)
+    if shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds[process_index::process_count]  # record-level sharding after the global shuffle
+    ds = ds.map(_Decode(len(schema["fields"]), schema["dtype"])).to_iter_dataset()
+    ds = grain.experimental.FlatMapIterDataset(ds, _SplitLongDocuments(cfg.data.seq_len))
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct={"tokens": cfg.data.seq_len}, num_packing_bins=cfg.data.packing_bins,
+        seed=cfg.seed, shuffle_bins=shuffle,
+    )
+    return ds.batch(batch_size, drop_remainder=repeat)
+
+
+def train_iterator(cfg: Config, manifest: dict[str, Any], process_index: int = 0,
+                   process_count: int = 1):
+    """The checkpointable training iterator of this process's share of each global batch."""
+    per_process = cfg.train.global_batch // process_count
+    ds = packed_dataset(cfg, manifest, "train", per_process, shuffle=True, repeat=True,
+                        process_index=process_index, process_count=process_count)
+    if cfg.data.num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=cfg.data.num_workers, per_worker_buffer_size=cfg.data.prefetch))
+    return iter(ds)
+
+
+def epochs_for(manifest: dict[str, Any], cfg: Config) -> float:
+    """Approximate epochs a run covers, for the start-of-run summary."""
+    tokens = manifest["splits"]["train"]["num_tokens"]
+    return cfg.train.steps * cfg.train.global_batch * cfg.data.seq_len / max(tokens, 1)

@@ -1,0 +1,75 @@
+"""Side effects of watching a run: metrics.jsonl, the progress bar, wandb, and MFU's denominator."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+
+# Dense bf16 peak FLOP/s of accelerators whose spec sheet we trust; others are measured.
+_KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5": 197e12, "TPU v4": 275e12}
+
+
+def measure_matmul_flops(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
+    """This machine's dense matmul FLOP/s in `dtype`: the denominator of MFU where no spec applies."""
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        matmul(a).block_until_ready()
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def device_peak_flops(dtype: str) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure came from)."""
+    kind = jax.devices()[0].device_kind
+    for name, flops in _KNOWN_PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops, f"spec sheet ({kind})"
+    return measure_matmul_flops(dtype), f"measured {dtype} matmul ({kind})"
+
+
+class MetricsLog:
+    """metrics.jsonl in the run directory; on resume, lines past the restored step are dropped
+    so the file reads as if the run had never stopped."""
+
+    def __init__(self, run_dir: str, resume_step: int):
+        self._path = epath.Path(run_dir) / "metrics.jsonl"
+        if self._path.exists():
+            kept = [line for line in self._path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= resume_step]
+            self._path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self._path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Wandb:
+    """wandb logging keyed by training step; offline unless configured or WANDB_MODE says otherwise."""
+
+    def __init__(self, run_dir: str, project: str, mode: str, config: dict[str, Any]):
+        self._run = None
+        mode = os.environ.get("WANDB_MODE") or mode
+        if mode == "disabled":
+            return
+        import wandb  # heavy: only imported when logging is on
+
+        run_id = hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:16]
+        self._run = wandb.init(project=project, dir=run_dir, mode=mode, config=config, id=run_id,
+                               resume="allow", settings=wandb.Settings(silent=True))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self._run is not None:
+            self._run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        if self._run is not None:
+            self._run.finish()

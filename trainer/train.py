@@ -1,0 +1,183 @@
+"""The training loop: a pure, compiled step and a thin host loop around it.
+
+The step's randomness is `fold_in(key(seed), step)` and the data order is Grain's
+checkpointed iterator, so a resumed run repeats the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from etils import epath
+from flax import nnx
+from tqdm import tqdm
+
+from trainer import checkpoint, data, loss, observe
+from trainer.config import Config, OptimConfig, dump, to_dict
+from trainer.model import Transformer, param_count, train_flops_per_token
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
+
+
+class NonFiniteLoss(Exception):
+    """The loss stopped being finite under nan_policy=stop: one line, exit code 1."""
+
+
+def make_optimizer(cfg: OptimConfig, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, optax.adamw(schedule, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay)), schedule
+
+
+def init_state(cfg: Config, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, dict[str, Any]]:
+    """(graphdef, state): state is plain pytrees (params as a pure dict) for jit and orbax."""
+    graphdef, params = nnx.split(Transformer(cfg.model, nnx.Rngs(params=cfg.seed)))
+    params = params.to_pure_dict()
+    return graphdef, {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(cfg.seed)),
+    }
+
+
+def objective_fn(name: str):
+    return {"mdlm": loss.mdlm_loss, "ar": loss.ar_loss}[name]
+
+
+def make_train_step(graphdef: nnx.GraphDef, cfg: Config, mask_id: int, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule):
+    accum = cfg.train.grad_accum
+    objective = objective_fn(cfg.objective.name)
+
+    def summed_loss(params, tokens_BL, segment_ids_BL, positions_BL, key):
+        model = nnx.merge(graphdef, params)
+        logits_fn = lambda toks_BL, causal: model(toks_BL, segment_ids_BL, positions_BL, causal)  # noqa: E731
+        return objective(logits_fn, tokens_BL, segment_ids_BL, key, mask_id, cfg.objective)
+
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+    def step(state, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        micro = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])  # noqa: E731
+        xs = (micro(batch["tokens"]), micro(batch["tokens_segment_ids"]),
+              micro(batch["tokens_positions"]), jax.random.split(key, accum))
+
+        def accumulate(carry, x):
+            grads, total, count = carry
+            (micro_total, micro_count), micro_grads = grad_fn(state["params"], *x)
+            grads = jax.tree.map(jnp.add, grads, micro_grads)
+            return (grads, total + micro_total, count + micro_count), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state["params"])
+        (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0), xs)
+        count = jnp.maximum(count, 1)
+        grads = jax.tree.map(lambda g: g / count, grads)  # exactly the full-batch mean
+        value = total / count
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # Under either nan_policy a non-finite update is never applied.
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        metrics = {"loss": value, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def run(cfg: Config) -> int:
+    """Trains to cfg.train.steps, resuming from the latest committed checkpoint; returns an exit code."""
+    manifest = data.load_manifest(cfg.data.path)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = manifest["tokenizer"]["vocab_size"]
+    data.check_dataset(cfg.data.path, manifest, cfg.model)
+    mask_id = data.special_ids(manifest)["mask"]
+    run_dir = epath.Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump(cfg))
+
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    graphdef, state = init_state(cfg, tx)
+    iterator = data.train_iterator(cfg, manifest)
+    mngr = checkpoint.manager(cfg.run_dir, cfg.train)
+    restored = checkpoint.restore_latest(mngr, state, iterator)
+    state = restored if restored is not None else state
+    start = int(state["step"])
+    train_step = make_train_step(graphdef, cfg, mask_id, tx, schedule)
+
+    metrics_log = observe.MetricsLog(cfg.run_dir, start)
+    wandb = observe.Wandb(cfg.run_dir, cfg.wandb.project, cfg.wandb.mode, to_dict(cfg))
+    peak, peak_source = observe.device_peak_flops(cfg.model.compute_dtype)
+    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    preemption = _Preemption()
+    print(f"model {param_count(cfg.model) / 1e6:.2f}M params, {flops_per_token / 1e6:.1f} MFLOP/token; "
+          f"{'resuming at step ' + str(start) if start else 'fresh run'}; "
+          f"{data.epochs_for(manifest, cfg):.2f} epochs; MFU vs {peak / 1e9:.0f} GFLOP/s ({peak_source})")
+
+    save = functools.partial(checkpoint.save, mngr)
+    bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
+    window_tokens, window_start = 0, time.perf_counter()
+    try:
+        for step in range(start, cfg.train.steps):
+            if preemption.requested:
+                save(step, state, iterator, force=True)
+                mngr.wait_until_finished()
+                print(f"preempted: checkpoint saved at step {step}")
+                return PREEMPTED_EXIT_CODE
+            batch = next(iterator)
+            window_tokens += int(np.count_nonzero(batch["tokens_segment_ids"]))
+            state, metrics = train_step(state, batch)
+            done = step + 1
+            value = float(metrics["loss"])
+            if not bool(metrics["finite"]):
+                if cfg.train.nan_policy == "stop":
+                    mngr.wait_until_finished()
+                    raise NonFiniteLoss(f"loss is {value} at step {done}; stopped, and no checkpoint holds "
+                                        f"this state (train.nan_policy=skip skips such steps instead)")
+                print(f"step {done}: non-finite loss {value}, update skipped")
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                seconds = time.perf_counter() - window_start
+                tokens_per_s = window_tokens / seconds
+                record = {"step": done, "loss": value, "lr": float(metrics["lr"]),
+                          "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": round(tokens_per_s, 1),
+                          "mfu": tokens_per_s * flops_per_token / peak}
+                if cfg.objective.name == "mdlm":
+                    record.update(nelbo=value, ppl_bound=float(np.exp(min(value, 50.0))))
+                else:
+                    record.update(ppl=float(np.exp(min(value, 50.0))))
+                metrics_log.write(record)
+                wandb.log(done, record)
+                bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                window_tokens, window_start = 0, time.perf_counter()
+            bar.update(1)
+            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+                save(done, state, iterator, force=done == cfg.train.steps)
+        mngr.wait_until_finished()
+    finally:
+        bar.close()
+        mngr.close()
+        wandb.finish()
+    return 0
