@@ -35,3 +35,25 @@ def shared_data() -> pathlib.Path:
 def gcs_emulator():
     with GcsEmulator() as emulator:
         yield emulator
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, story_file) -> pathlib.Path:
+    """The sample corpus preprocessed with a small BPE: what trainer and eval tests read."""
+    from pipelines import preprocess
+
+    out = tmp_path_factory.mktemp("dataset") / "data"
+    assert preprocess.main(["--dataset", "tinystories", "--input", str(story_file), "--output", str(out),
+                            "--vocab_size", "320", "--num_shards", "2", "--validation_fraction", "0.1"]) == 0
+    return out
+
+
+TINY_MODEL = ["model.hidden=32", "model.layers=2", "model.heads=2", "model.mlp_hidden=64",
+              "model.max_seq_len=64", "data.seq_len=64", "data.packing_bins=8", "train.global_batch=8",
+              "optim.warmup_steps=5", "optim.lr=3e-3", "wandb.mode=disabled", "train.log_every=1"]
+
+
+@pytest.fixture
+def tiny_overrides(tiny_dataset, tmp_path) -> list[str]:
+    """key=value overrides for a CPU-sized MDLM run on tiny_dataset in a fresh run_dir."""
+    return [f"data.path={tiny_dataset}", f"run_dir={tmp_path / 'run'}", *TINY_MODEL]

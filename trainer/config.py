@@ -119,6 +119,11 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     kind = {"int": int, "float": float, "str": str, "bool": bool}[annotation]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{key} must be {annotation}, got {value!r}")
     return value

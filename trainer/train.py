@@ -153,11 +153,12 @@ def run(cfg: Config) -> int:
             done = step + 1
             value = float(metrics["loss"])
             if not bool(metrics["finite"]):
+                what = f"loss {value}, gradient norm {float(metrics['grad_norm'])}"
                 if cfg.train.nan_policy == "stop":
                     mngr.wait_until_finished()
-                    raise NonFiniteLoss(f"loss is {value} at step {done}; stopped, and no checkpoint holds "
-                                        f"this state (train.nan_policy=skip skips such steps instead)")
-                print(f"step {done}: non-finite loss {value}, update skipped")
+                    raise NonFiniteLoss(f"not finite at step {done} ({what}); stopped, and no checkpoint "
+                                        f"holds this state (train.nan_policy=skip skips such steps instead)")
+                print(f"step {done}: not finite ({what}), update skipped")
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 seconds = time.perf_counter() - window_start
                 tokens_per_s = window_tokens / seconds

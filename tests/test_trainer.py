@@ -1,0 +1,276 @@
+"""The trainer: config validation, dataset checks, packing, losses, resume and preemption."""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from trainer import __main__ as cli
+from trainer import config as config_lib
+from trainer import data, loss, train
+from trainer.config import Config, ModelConfig, ObjectiveConfig
+from trainer.model import Transformer, attention_mask, param_count
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def cli_error(capsys, *argv) -> str:
+    assert cli.main(list(argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    return err
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_errors_name_the_key(capsys, tiny_overrides, tmp_path):
+    assert "train.stepz is not a config key" in cli_error(capsys, *tiny_overrides, "train.stepz=3")
+    assert "train.steps must be int" in cli_error(capsys, *tiny_overrides, "train.steps=many")
+    assert "train.global_batch must be divisible" in cli_error(
+        capsys, *tiny_overrides, "train.global_batch=6", "train.grad_accum=4")
+    assert "data.seq_len must be in [1, model.max_seq_len=64]" in cli_error(
+        capsys, *tiny_overrides, "data.seq_len=128")
+    assert "model.heads must divide" in cli_error(capsys, *tiny_overrides, "model.heads=3")
+    assert "must look like key=value" in cli_error(capsys, *tiny_overrides, "train.steps")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("train: [1, 2\n")
+    assert "is not valid YAML" in cli_error(capsys, "--config", str(bad_yaml))
+
+
+def test_yaml_and_overrides_resolve_and_are_saved(tiny_overrides, tmp_path):
+    cfg = config_lib.load("configs/tinystories_tiny.yaml", [*tiny_overrides, "train.steps=2"])
+    assert cfg.train.steps == 2 and cfg.model.hidden == 32 and cfg.optim.lr == 3e-3
+    assert train.run(cfg) == 0
+    saved = config_lib.load(str(tmp_path / "run" / "config.yaml"), [])
+    assert config_lib.to_dict(saved) == config_lib.to_dict(cfg) and saved.model.vocab_size > 0
+
+
+def test_shipped_configs_load_and_validate():
+    for name in ("tinystories_tiny", "tinystories_tiny_ar", "tinystories_seed"):
+        cfg = config_lib.load(f"configs/{name}.yaml", [])
+        cfg.validate()
+    seed = config_lib.load("configs/tinystories_seed.yaml", [])
+    assert (seed.model.hidden, seed.model.layers, seed.model.vocab_size) == (1280, 16, 4096)
+    assert 250e6 < param_count(seed.model) < 400e6
+
+
+# --------------------------------------------------------------------------- dataset checks
+
+
+def test_dataset_mismatches_are_refused(capsys, tiny_dataset, tiny_overrides, tmp_path):
+    assert "has no manifest.json" in cli_error(capsys, *tiny_overrides, f"data.path={tmp_path}")
+    assert "model.vocab_size 999 does not match" in cli_error(capsys, *tiny_overrides, "model.vocab_size=999")
+    altered = tmp_path / "altered"
+    shutil.copytree(tiny_dataset, altered)
+    shutil.copy(altered / "validation-00000-of-00001.array_record", altered / "train-00000-of-00002.array_record")
+    assert "but the manifest says" in cli_error(capsys, *tiny_overrides, f"data.path={altered}")
+    shutil.copytree(tiny_dataset, altered, dirs_exist_ok=True)
+    with open(altered / "tokenizer.json", "a") as f:
+        f.write(" ")
+    assert "does not match the manifest's sha256" in cli_error(capsys, *tiny_overrides, f"data.path={altered}")
+
+
+# --------------------------------------------------------------------------- packing and masks
+
+
+def _config(tiny_dataset, seq_len=32, seed=0) -> tuple[Config, dict]:
+    cfg = Config(run_dir="unused", seed=seed)
+    cfg.data.path, cfg.data.seq_len, cfg.data.packing_bins = str(tiny_dataset), seq_len, 4
+    cfg.train.global_batch = 4
+    return cfg, data.load_manifest(str(tiny_dataset))
+
+
+def test_packing_splits_long_documents_loses_no_token_and_never_mixes(tiny_dataset):
+    cfg, manifest = _config(tiny_dataset, seq_len=32)  # stories are ~100 tokens: all get split
+    rows = list(data.packed_dataset(cfg, manifest, "validation", 4, shuffle=False, repeat=False))
+    packed = collections.Counter()
+    for batch in rows:
+        for tokens, segments, positions in zip(batch["tokens"], batch["tokens_segment_ids"],
+                                                batch["tokens_positions"]):
+            for seg in set(segments[segments > 0].tolist()):
+                where = np.flatnonzero(segments == seg)
+                assert (np.diff(where) == 1).all()  # one contiguous run per piece
+                assert (positions[where] == np.arange(len(where))).all()  # positions restart per piece
+                packed.update(tokens[where].tolist())
+            assert (tokens[segments == 0] == 0).all()
+    source = collections.Counter()
+    for shard in manifest["splits"]["validation"]["shards"]:
+        import grain
+
+        for record in grain.sources.ArrayRecordDataSource([str(tiny_dataset / shard["file"])]):
+            source.update(np.frombuffer(record, "<u2", offset=4).tolist())
+    assert packed == source and sum(source.values()) == manifest["splits"]["validation"]["num_tokens"]
+
+
+def test_attention_never_crosses_packed_documents():
+    cfg = ModelConfig(vocab_size=50, hidden=32, layers=2, heads=2, mlp_hidden=64, max_seq_len=16)
+    model = Transformer(cfg, nnx.Rngs(0))
+    segments = jnp.array([[1] * 6 + [2] * 7 + [0] * 3])
+    positions = jnp.array([list(range(6)) + list(range(7)) + [0] * 3])
+    tokens = jnp.arange(16)[None] % 50
+    changed = tokens.at[0, 8].set(42)  # a token of document 2
+    for causal in (False, True):
+        a, b = model(tokens, segments, positions, causal), model(changed, segments, positions, causal)
+        assert jnp.array_equal(a[0, :6], b[0, :6])  # document 1 is blind to document 2
+        assert not jnp.allclose(a[0, 9:13], b[0, 9:13])  # later tokens of document 2 see it
+    mask = attention_mask(segments, causal=False)[0, 0]
+    assert mask.tolist() == (segments[0][:, None] == segments[0][None, :]).tolist()
+
+
+def test_data_order_is_a_function_of_the_seed(tiny_dataset):
+    def first_batches(seed):
+        cfg, manifest = _config(tiny_dataset, seq_len=64, seed=seed)
+        it = data.train_iterator(cfg, manifest)
+        return [next(it)["tokens"] for _ in range(3)]
+
+    same = zip(first_batches(1), first_batches(1))
+    assert all(np.array_equal(a, b) for a, b in same)
+    assert not all(np.array_equal(a, b) for a, b in zip(first_batches(1), first_batches(2)))
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _log_softmax_np(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_mdlm_loss_matches_a_direct_computation():
+    """At t = 1 under the linear schedule every real token is masked with weight 1/t = 1."""
+    vocab, mask_id = 11, 10
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(2, 7, vocab)).astype(np.float32)
+    tokens = rng.integers(0, 10, size=(2, 7))
+    segments = np.array([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    seen = {}
+
+    def logits_fn(noisy, causal):
+        seen["noisy"] = noisy
+        return jnp.asarray(table)
+
+    cfg = ObjectiveConfig(noise_schedule="linear")
+    total, count = loss.mdlm_loss(logits_fn, jnp.asarray(tokens), jnp.asarray(segments), jax.random.key(0),
+                                  mask_id, cfg, t_B=jnp.ones(2))
+    logp = _log_softmax_np(np.where(np.arange(vocab) == mask_id, -np.inf, table))
+    nll = -np.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+    real = segments != 0
+    assert int(count) == real.sum()
+    np.testing.assert_allclose(float(total), nll[real].sum(), rtol=1e-6)
+    assert (np.asarray(seen["noisy"])[real] == mask_id).all()
+    assert (np.asarray(seen["noisy"])[~real] == tokens[~real]).all()  # padding is never masked
+
+
+@pytest.mark.parametrize("schedule", ["loglinear", "linear", "cosine"])
+def test_mdlm_nelbo_of_a_uniform_model_is_log_vocab(schedule):
+    """E_t[w(t) (1 - alpha_t)] = alpha(0) - alpha(1) ~= 1, so a uniform model's NELBO is log(V - 1)."""
+    vocab, mask_id = 64, 63
+    tokens = jax.random.randint(jax.random.key(1), (512, 32), 0, 63)
+    segments = jnp.ones_like(tokens)
+    uniform = lambda noisy, causal: jnp.zeros((*noisy.shape, vocab))  # noqa: E731
+    total, count = loss.mdlm_loss(uniform, tokens, segments, jax.random.key(2), mask_id,
+                                  ObjectiveConfig(noise_schedule=schedule))
+    assert abs(float(total / count) / np.log(vocab - 1) - 1) < 0.03
+
+
+def test_ar_loss_skips_document_boundaries_and_padding():
+    tokens = jnp.array([[5, 6, 7, 8, 9, 0]])
+    segments = jnp.array([[1, 1, 1, 2, 2, 0]])
+    uniform = lambda toks, causal: jnp.zeros((*toks.shape, 16))  # noqa: E731
+    total, count = loss.ar_loss(uniform, tokens, segments)
+    assert int(count) == 3  # 5->6, 6->7, 8->9; not 7->8 across documents, not 9->pad
+    np.testing.assert_allclose(float(total), 3 * np.log(16), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+@pytest.mark.parametrize("objective", ["mdlm", "ar"])
+def test_loss_decreases_on_the_sample_corpus(tiny_overrides, tmp_path, objective):
+    cfg = config_lib.load(None, [*tiny_overrides, "train.steps=60", "train.checkpoint_every=60",
+                                 f"objective.name={objective}"])
+    assert train.run(cfg) == 0
+    losses = [m["loss"] for m in metrics(tmp_path / "run")]
+    assert len(losses) == 60 and np.mean(losses[-10:]) < np.mean(losses[:5]) - 0.5
+    last = metrics(tmp_path / "run")[-1]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(last)
+    assert ("ppl_bound" in last) == (objective == "mdlm")
+
+
+def test_gradient_accumulation_equals_the_full_batch(tiny_overrides, tmp_path):
+    runs = {}
+    for accum in (1, 4):
+        run_dir = tmp_path / f"accum{accum}"
+        cfg = config_lib.load(None, [*tiny_overrides, f"run_dir={run_dir}", "train.steps=3",
+                                     f"train.grad_accum={accum}", "objective.name=ar"])
+        assert train.run(cfg) == 0
+        runs[accum] = [m["loss"] for m in metrics(run_dir)]
+    np.testing.assert_allclose(runs[1], runs[4], rtol=2e-5)
+
+
+def test_non_finite_loss_stops_without_committing_it(tiny_overrides, tmp_path, capsys):
+    code = cli.main([*tiny_overrides, "train.steps=30", "train.checkpoint_every=1", "optim.lr=1e30",
+                     "optim.warmup_steps=0", "optim.grad_clip=0"])
+    assert code == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: not finite at step ")
+    bad_step = int(message.split("at step ")[1].split(" ")[0])
+    committed = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert all(step < bad_step for step in committed)
+
+
+def _trainer(overrides, steps, **popen):
+    return subprocess.Popen([sys.executable, "-m", "trainer", *overrides, f"train.steps={steps}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _wait_for(predicate, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_kill_9_and_resume_is_bitwise_identical(tiny_dataset, tmp_path):
+    def overrides(name):
+        from tests.conftest import TINY_MODEL
+
+        return [f"data.path={tiny_dataset}", f"run_dir={tmp_path / name}", *TINY_MODEL,
+                "train.checkpoint_every=10", "data.num_workers=1"]
+
+    assert _trainer(overrides("straight"), 40).wait(timeout=600) == 0
+    job = _trainer(overrides("killed"), 40)
+    _wait_for(lambda: (tmp_path / "killed" / "checkpoints" / "10").is_dir())
+    job.send_signal(signal.SIGKILL)
+    assert job.wait() == -signal.SIGKILL
+    assert _trainer(overrides("killed"), 40).wait(timeout=600) == 0
+    straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
+    assert [m["step"] for m in resumed] == list(range(1, 41))
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]  # exact, not approximate
+    assert [m["grad_norm"] for m in resumed] == [m["grad_norm"] for m in straight]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    job = _trainer([*tiny_overrides, "train.checkpoint_every=100000"], 100000)
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and len(metrics(run)) >= 3)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=120) == train.PREEMPTED_EXIT_CODE
+    (saved,) = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved >= 3 and metrics(run)[-1]["step"] >= saved
+    assert _trainer(tiny_overrides, saved + 2).wait(timeout=600) == 0
+    assert [m["step"] for m in metrics(run)] == list(range(1, saved + 3))
