@@ -6,6 +6,7 @@ name), so a restart always resumes from a complete state.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import grain
@@ -23,7 +24,8 @@ def manager(run_dir: str, cfg: TrainConfig) -> ocp.CheckpointManager:
         enable_async_checkpointing=True,
         create=True,
     )
-    return ocp.CheckpointManager(epath.Path(run_dir) / "checkpoints", options=options)
+    directory = run_dir if "://" in run_dir else os.path.abspath(run_dir)  # orbax needs absolute paths
+    return ocp.CheckpointManager(epath.Path(directory) / "checkpoints", options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any], iterator, force: bool = False):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import sys
 import time
 from typing import Any
 
@@ -41,7 +42,7 @@ def make_optimizer(cfg: OptimConfig, steps: int) -> tuple[optax.GradientTransfor
 def init_state(cfg: Config, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, dict[str, Any]]:
     """(graphdef, state): state is plain pytrees (params as a pure dict) for jit and orbax."""
     graphdef, params = nnx.split(Transformer(cfg.model, nnx.Rngs(params=cfg.seed)))
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
     return graphdef, {
         "params": params,
         "opt_state": tx.init(params),
@@ -83,7 +84,7 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: Config, mask_id: int, tx: optax
         count = jnp.maximum(count, 1)
         grads = jax.tree.map(lambda g: g / count, grads)  # exactly the full-batch mean
         value = total / count
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         # Under either nan_policy a non-finite update is never applied.
@@ -138,7 +139,9 @@ def run(cfg: Config) -> int:
           f"{data.epochs_for(manifest, cfg):.2f} epochs; MFU vs {peak / 1e9:.0f} GFLOP/s ({peak_source})")
 
     save = functools.partial(checkpoint.save, mngr)
-    bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True)
+    # In logs (no TTY) a redraw every few seconds instead of a carriage-return flood.
+    bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 15)
     window_tokens, window_start = 0, time.perf_counter()
     try:
         for step in range(start, cfg.train.steps):

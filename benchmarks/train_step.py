@@ -1,0 +1,142 @@
+"""Train-step FLOP/s against this machine's matmul peak, and Grain packing against raw reads.
+
+    python benchmarks/train_step.py [--steps N] [--out results.json]
+
+Prints JSON: for the tiny and a medium config, the achieved model FLOP/s of a compiled
+MDLM train step (FLOPs from the config, synthetic batch), this machine's dense matmul
+FLOP/s in the same dtype measured in the same run, and their ratio (MFU); then Grain's
+packed-batch tokens/s (in process and with 2 worker processes) against reading and
+decoding the same ArrayRecord shards raw with ArrayRecord's C++ bulk reader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
+
+from pipelines import corpus, preprocess
+from trainer import data, observe, train
+from trainer.config import Config
+from trainer.model import param_count, train_flops_per_token
+
+SHAPES = {  # name: (hidden, layers, heads, mlp_hidden, seq_len, global_batch)
+    "tiny": (256, 4, 4, 704, 128, 16),
+    "medium": (512, 8, 8, 1408, 256, 16),
+}
+VOCAB = 4096
+
+
+def step_flops(shape: tuple[int, ...], dtype: str, steps: int) -> dict:
+    hidden, layers, heads, mlp, seq, batch = shape
+    cfg = Config(run_dir="unused")
+    m = cfg.model
+    m.vocab_size, m.hidden, m.layers, m.heads, m.mlp_hidden = VOCAB, hidden, layers, heads, mlp
+    m.max_seq_len, m.compute_dtype = seq, dtype
+    cfg.data.seq_len, cfg.train.global_batch = seq, batch
+    tx, schedule = train.make_optimizer(cfg.optim, 1000)
+    graphdef, state = train.init_state(cfg, tx)
+    step = train.make_train_step(graphdef, cfg, VOCAB - 1, tx, schedule)
+    rng = np.random.default_rng(0)
+    batch_arrays = {
+        "tokens": rng.integers(0, VOCAB - 1, (batch, seq)).astype(np.int32),
+        "tokens_segment_ids": np.ones((batch, seq), np.int32),
+        "tokens_positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+    }
+    start = time.perf_counter()
+    state, metrics = step(state, batch_arrays)
+    jax.block_until_ready(metrics)
+    compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch_arrays)
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / steps
+    tokens = batch * seq
+    return {
+        "params_m": round(param_count(m) / 1e6, 2),
+        "tokens_per_step": tokens,
+        "step_seconds": round(seconds, 4),
+        "compile_seconds": round(compile_seconds, 2),
+        "tokens_per_s": round(tokens / seconds),
+        "model_flops_per_s": train_flops_per_token(m, seq) * tokens / seconds,
+    }
+
+
+def loader_rates(batches: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        stories = f"{tmp}/stories.txt"
+        corpus.write_tinystories_layout(corpus.generate_stories(20_000, seed=3), stories)
+        out = f"{tmp}/data"
+        assert preprocess.main(["--dataset", "tinystories", "--input", stories, "--output", out]) == 0
+        manifest = data.load_manifest(out)
+        paths = data.shard_paths(out, manifest, "train")
+        start = time.perf_counter()
+        raw_tokens = 0
+        for path in paths:
+            reader = ArrayRecordReader(path)
+            for record in reader.read_all():
+                raw_tokens += len(np.frombuffer(record, "<u2", offset=4).astype(np.int32))
+            reader.close()
+        raw_rate = raw_tokens / (time.perf_counter() - start)
+
+        result = {"raw_arrayrecord_tokens_per_s": round(raw_rate)}
+        for workers in (0, 2):
+            cfg = Config(run_dir="unused")
+            cfg.data.path, cfg.data.seq_len, cfg.train.global_batch = out, 256, 16
+            cfg.data.num_workers = workers
+            iterator = data.train_iterator(cfg, manifest)
+            next(iterator)  # worker start-up is not throughput
+            start = time.perf_counter()
+            packed = sum(int(np.count_nonzero(next(iterator)["tokens_segment_ids"])) for _ in range(batches))
+            rate = packed / (time.perf_counter() - start)
+            result[f"grain_packed_tokens_per_s_workers_{workers}"] = round(rate)
+            result[f"ratio_workers_{workers}"] = round(rate / raw_rate, 3)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="Timed steps per config.")
+    parser.add_argument("--dtype", default="float32", help="Compute dtype (float32 is faster on CPU).")
+    parser.add_argument("--out", help="Also write the JSON here.")
+    args = parser.parse_args()
+    peak = observe.measure_matmul_flops(args.dtype)
+    configs = {}
+    for name, shape in SHAPES.items():
+        result = step_flops(shape, args.dtype, args.steps)
+        result["mfu_vs_measured_matmul"] = round(result["model_flops_per_s"] / peak, 3)
+        result["model_flops_per_s"] = round(result["model_flops_per_s"])
+        configs[name] = result
+    device_peak, source = observe.device_peak_flops(args.dtype)
+    report = {
+        "benchmark": "train_step",
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, {jax.devices()[0].device_kind}",
+        "dtype": args.dtype,
+        "matmul_flops_per_s": round(peak),
+        "device_peak_flops_per_s": round(device_peak),
+        "device_peak_source": source,
+        "configs": configs,
+        "loader": loader_rates(200),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from absl import flags
+
+    flags.FLAGS(sys.argv[:1])  # Grain's worker processes read absl flags
+    main()
