@@ -155,7 +155,11 @@ def _override(assignment: str) -> dict[str, Any]:
 
 
 def load(path: str | None, overrides: list[str]) -> Config:
-    config = Config()
+    return load_into(Config(), path, overrides)
+
+
+def load_into(config: Any, path: str | None, overrides: list[str]) -> Any:
+    """Fills a config dataclass from a YAML file, then `key=value` overrides; checks keys and types."""
     if path is not None:
         try:
             with open(path) as f:

@@ -92,20 +92,24 @@ def shard_paths(path: str, manifest: dict[str, Any], split: str) -> list[str]:
     return [str(epath.Path(path) / s["file"]) for s in manifest["splits"][split]["shards"]]
 
 
+def documents(path: str, manifest: dict[str, Any], split: str) -> grain.MapDataset:
+    """The split's documents in manifest order, each as {"tokens": int32 ids} (all fields joined)."""
+    schema = manifest["record_schema"]
+    source = grain.sources.ArrayRecordDataSource(shard_paths(path, manifest, split))
+    return grain.MapDataset.source(source).map(_Decode(len(schema["fields"]), schema["dtype"]))
+
+
 def packed_dataset(
     cfg: Config, manifest: dict[str, Any], split: str, batch_size: int, *, shuffle: bool,
     repeat: bool, process_index: int = 0, process_count: int = 1,
 ) -> grain.IterDataset:
     """Batches of {tokens, tokens_segment_ids, tokens_positions}, each [batch_size, seq_len] int32."""
-    schema = manifest["record_schema"]
-    source = grain.sources.ArrayRecordDataSource(shard_paths(cfg.data.path, manifest, split))
-    ds = grain.MapDataset.source(source)
+    ds = documents(cfg.data.path, manifest, split)
     if shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     if repeat:
         ds = ds.repeat()
-    ds = ds[process_index::process_count]  # record-level sharding after the global shuffle
-    ds = ds.map(_Decode(len(schema["fields"]), schema["dtype"])).to_iter_dataset()
+    ds = ds[process_index::process_count].to_iter_dataset()  # record-level sharding after the shuffle
     ds = grain.experimental.FlatMapIterDataset(ds, _SplitLongDocuments(cfg.data.seq_len))
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct={"tokens": cfg.data.seq_len}, num_packing_bins=cfg.data.packing_bins,

@@ -40,13 +40,19 @@ class Attention(nnx.Module):
         self.qkv = nnx.Linear(cfg.hidden, 3 * cfg.hidden, use_bias=False, dtype=dtype, rngs=rngs)
         self.out = nnx.Linear(cfg.hidden, cfg.hidden, use_bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BLD, positions_BL, mask_B1LL):
+    def __call__(self, x_BLD, positions_BL, mask_B1LS, cache=None):
+        """cache: (k_BSHK, v_BSHK, offset): this call's keys/values are written at `offset`
+        of fixed-size buffers and the queries attend over the whole buffer (S keys)."""
         batch, length, hidden = x_BLD.shape
         qkv = self.qkv(x_BLD).reshape(batch, length, 3, self.heads, hidden // self.heads)
         q_BLHK, k_BLHK, v_BLHK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q_BLHK, k_BLHK = rope(q_BLHK, positions_BL, self.theta), rope(k_BLHK, positions_BL, self.theta)
-        out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, mask=mask_B1LL)
-        return self.out(out_BLHK.reshape(batch, length, hidden))
+        if cache is not None:
+            cache_k, cache_v, offset = cache
+            k_BLHK = jax.lax.dynamic_update_slice_in_dim(cache_k, k_BLHK.astype(cache_k.dtype), offset, 1)
+            v_BLHK = jax.lax.dynamic_update_slice_in_dim(cache_v, v_BLHK.astype(cache_v.dtype), offset, 1)
+        out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, mask=mask_B1LS)
+        return self.out(out_BLHK.reshape(batch, length, hidden)), (k_BLHK, v_BLHK)
 
 
 class SwiGLU(nnx.Module):
@@ -68,9 +74,10 @@ class Block(nnx.Module):
         self.mlp_norm = nnx.RMSNorm(cfg.hidden, dtype=dtype, rngs=rngs)
         self.mlp = SwiGLU(cfg, rngs)
 
-    def __call__(self, x_BLD, positions_BL, mask_B1LL):
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), positions_BL, mask_B1LL)
-        return x_BLD + self.mlp(self.mlp_norm(x_BLD))
+    def __call__(self, x_BLD, positions_BL, mask_B1LS, cache=None):
+        attn_BLD, kv = self.attn(self.attn_norm(x_BLD), positions_BL, mask_B1LS, cache)
+        x_BLD = x_BLD + attn_BLD
+        return x_BLD + self.mlp(self.mlp_norm(x_BLD)), kv
 
 
 class Transformer(nnx.Module):
@@ -84,17 +91,26 @@ class Transformer(nnx.Module):
             cfg.hidden, cfg.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens_BL, segment_ids_BL, positions_BL, causal: bool = False):
-        """Logits [B, L, V] in float32."""
-        mask_B1LL = attention_mask(segment_ids_BL, causal)
-        x_BLD = self.embed(tokens_BL)
-        for block in self.blocks:
+        """Training/scoring path: logits [B, L, V] in float32 over packed rows."""
+        logits_BLV, _ = self.forward(self.embed(tokens_BL), positions_BL, attention_mask(segment_ids_BL, causal))
+        return logits_BLV
+
+    def forward(self, x_BLD, positions_BL, mask_B1LS, caches=None):
+        """Embeddings in (hard or soft), (logits [B, L, V] float32, per-layer (k, v)) out.
+
+        caches: per layer (k_BSHK, v_BSHK, offset) for decoding against a fixed-size KV cache.
+        """
+        kvs = []
+        for i, block in enumerate(self.blocks):
+            cache = None if caches is None else caches[i]
             if self.cfg.remat:
-                x_BLD = nnx.remat(lambda b, *a: b(*a))(block, x_BLD, positions_BL, mask_B1LL)
+                x_BLD, kv = nnx.remat(lambda b, *a: b(*a))(block, x_BLD, positions_BL, mask_B1LS, cache)
             else:
-                x_BLD = block(x_BLD, positions_BL, mask_B1LL)
+                x_BLD, kv = block(x_BLD, positions_BL, mask_B1LS, cache)
+            kvs.append(kv)
         x_BLD = self.final_norm(x_BLD)
         logits_BLV = self.embed.attend(x_BLD) if self.head is None else self.head(x_BLD)
-        return logits_BLV.astype(jnp.float32)
+        return logits_BLV.astype(jnp.float32), kvs
 
 
 def param_count(cfg: ModelConfig) -> int:

@@ -55,15 +55,20 @@ class MetricsLog:
 class Wandb:
     """wandb logging keyed by training step; offline unless configured or WANDB_MODE says otherwise."""
 
-    def __init__(self, run_dir: str, project: str, mode: str, config: dict[str, Any]):
+    def __init__(self, run_dir: str, project: str, mode: str, config: dict[str, Any], job_type: str = "train"):
+        """One wandb run per (run directory, job type), grouped by run directory: the eval stage
+        logs beside a live trainer without two processes writing one wandb run."""
         self._run = None
         mode = os.environ.get("WANDB_MODE") or mode
         if mode == "disabled":
             return
         import wandb  # heavy: only imported when logging is on
 
-        run_id = hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:16]
-        self._run = wandb.init(project=project, dir=run_dir, mode=mode, config=config, id=run_id,
+        group = hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:16]
+        directory = epath.Path(run_dir) / ("" if job_type == "train" else job_type)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._run = wandb.init(project=project, dir=str(directory), mode=mode, config=config,
+                               id=f"{group}-{job_type}", group=group, job_type=job_type,
                                resume="allow", settings=wandb.Settings(silent=True))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

@@ -1,0 +1,70 @@
+"""The eval stage's typed config: `key=value` overrides on the command line (or a YAML file)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from trainer.config import ConfigError, load_into
+
+
+@dataclasses.dataclass
+class PerplexityConfig:
+    max_tokens: int = 20_000  # validation tokens scored (0 = the whole split)
+    time_samples: int = 8  # points of the fixed antithetic time grid per sequence (mdlm)
+    batch_size: int = 8  # packed rows per forward
+    seed: int = 0  # fixes the masks, so the bound is deterministic
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    num_samples: int = 4  # prompts, taken from the validation split
+    prompt_tokens: int = 8  # leading tokens of each validation document used as the prompt
+    gen_length: int = 64  # tokens generated after the prompt
+    block_length: int = 32  # semi-autoregressive block size
+    steps: int = 32  # SPD: passes per block at most
+    threshold: float = 0.9  # SPD: decode masked positions while their confidence is at least this
+    confidence_stop: float = 0.9  # SPD: a block ends once every position is this confident
+    top_k: int = 1  # SPD: tokens mixed into a decoded position's soft embedding
+    temperature: float = 0.0  # 0 = greedy, else Gumbel-max sampling at this temperature
+    suppress_mask: bool = True  # never predict the mask token
+    remask_steps: int = 0  # remasking baseline: total steps (0 = gen_length, one token per step)
+    seed: int = 0  # sampling randomness
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    perplexity: PerplexityConfig = dataclasses.field(default_factory=PerplexityConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    gen_ppl_run_dir: str = ""  # an AR run on the same data whose latest checkpoint scores samples
+    poll_seconds: float = 10.0  # --watch: how often to look for new checkpoints
+    wandb_mode: str = "offline"  # offline | online | disabled (WANDB_MODE overrides)
+
+    def validate(self) -> None:
+        s, p = self.sampling, self.perplexity
+        rules = [
+            (p.time_samples >= 1, "perplexity.time_samples", "must be at least 1"),
+            (p.batch_size >= 1, "perplexity.batch_size", "must be at least 1"),
+            (p.max_tokens >= 0, "perplexity.max_tokens", "must be >= 0"),
+            (s.num_samples >= 1, "sampling.num_samples", "must be at least 1"),
+            (s.prompt_tokens >= 1, "sampling.prompt_tokens", "must be at least 1"),
+            (s.block_length >= 1, "sampling.block_length", "must be at least 1"),
+            (s.gen_length % s.block_length == 0, "sampling.gen_length",
+             f"must be a multiple of sampling.block_length={s.block_length}"),
+            (s.steps >= 1, "sampling.steps", "must be at least 1"),
+            (s.top_k >= 1, "sampling.top_k", "must be at least 1"),
+            (s.temperature >= 0, "sampling.temperature", "must be >= 0"),
+            (s.remask_steps == 0 or s.remask_steps % (s.gen_length // s.block_length) == 0,
+             "sampling.remask_steps", "must be 0 or a multiple of the number of blocks"),
+            (self.poll_seconds > 0, "poll_seconds", "must be positive"),
+            (self.wandb_mode in ("offline", "online", "disabled"), "wandb_mode",
+             "must be offline, online or disabled"),
+        ]
+        for ok, key, message in rules:
+            if not ok:
+                raise ConfigError(f"{key} {message}")
+
+
+def load(path: str | None, overrides: list[str]) -> EvalConfig:
+    config = load_into(EvalConfig(), path, overrides)
+    config.validate()
+    return config

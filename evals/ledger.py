@@ -1,0 +1,34 @@
+"""RUN/evals/ledger.jsonl: one line per evaluated step, rewritten atomically so no line is ever partial."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from etils import epath
+
+
+class Ledger:
+    def __init__(self, run_dir: str):
+        self.directory = epath.Path(run_dir) / "evals"
+        self.path = self.directory / "ledger.jsonl"
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def steps(self) -> set[int]:
+        return {r["step"] for r in self.records()}
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Adds a line unless the step is already there: written to a new file, then renamed over."""
+        records = self.records()
+        if record["step"] in {r["step"] for r in records}:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(r) + "\n" for r in [*records, record])
+        tmp = self.directory / f".ledger.jsonl.tmp-{uuid.uuid4().hex}"
+        tmp.write_text(text)
+        tmp.replace(self.path)  # an atomic rename on local disks

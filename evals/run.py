@@ -1,0 +1,149 @@
+"""Evaluating a run's checkpoints: once (for a scheduler) or watching as they commit."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+from tokenizers import Tokenizer
+
+from evals import checkpoints, ledger, perplexity, quality, report, sampling
+from evals.config import EvalConfig
+from trainer import data, observe
+
+SAMPLERS = {
+    "spd": sampling.spd_generate,
+    "spd_cached": sampling.spd_generate_cached,
+    "remask": sampling.remask_generate,
+}
+
+
+class Evaluator:
+    def __init__(self, run_dir: str, cfg: EvalConfig):
+        self.run_dir, self.cfg = run_dir, cfg
+        self.run_cfg = checkpoints.load_config(run_dir)
+        self.manifest = data.load_manifest(self.run_cfg.data.path)
+        tokenizer_path = epath.Path(self.run_cfg.data.path) / self.manifest["tokenizer"]["file"]
+        self.tokenizer = Tokenizer.from_str(tokenizer_path.read_text())
+        self.ids = data.special_ids(self.manifest)
+        self.mngr = checkpoints.reader(run_dir)
+        self.ledger = ledger.Ledger(run_dir)
+        self.reference = self._reference_model()
+        self.wandb = observe.Wandb(run_dir, self.run_cfg.wandb.project, cfg.wandb_mode,
+                                   dataclasses.asdict(cfg), job_type="evals")
+
+    def _reference_model(self):
+        if not self.cfg.gen_ppl_run_dir:
+            return None
+        ref_cfg = checkpoints.load_config(self.cfg.gen_ppl_run_dir)
+        if ref_cfg.objective.name != "ar":
+            raise checkpoints.RunError(f"gen_ppl_run_dir {self.cfg.gen_ppl_run_dir} is not an AR run")
+        mngr = checkpoints.reader(self.cfg.gen_ppl_run_dir)
+        steps = checkpoints.committed_steps(mngr)
+        if not steps:
+            raise checkpoints.RunError(f"gen_ppl_run_dir {self.cfg.gen_ppl_run_dir} has no committed checkpoint")
+        return checkpoints.restore_params(mngr, steps[-1], ref_cfg)
+
+    def pending(self) -> list[int]:
+        done = self.ledger.steps()
+        return [s for s in checkpoints.committed_steps(self.mngr) if s not in done]
+
+    def evaluate(self, step: int) -> dict[str, Any] | None:
+        start = time.perf_counter()
+        try:
+            graphdef, params = checkpoints.restore_params(self.mngr, step, self.run_cfg)
+        except Exception:
+            if step not in checkpoints.committed_steps(self.mngr):
+                print(f"warning: step {step} was deleted (keep-last cleanup) before it was evaluated; skipped")
+                return None
+            raise
+        restore_seconds = time.perf_counter() - start
+        ppl = perplexity.evaluate(graphdef, params, self.run_cfg, self.manifest, self.cfg.perplexity)
+        record: dict[str, Any] = {
+            "step": step,
+            "checkpoint": str(epath.Path(self.run_dir) / "checkpoints" / str(step)),
+            "objective": self.run_cfg.objective.name,
+            "perplexity": ppl,
+            "settings": dataclasses.asdict(self.cfg),
+        }
+        seconds = {"restore": restore_seconds, "perplexity": time.perf_counter() - start - restore_seconds}
+        if self.run_cfg.objective.name != "ar":
+            record.update(self._sample(graphdef, params, seconds))
+        seconds["total"] = time.perf_counter() - start
+        record["wall_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+        record["evaluated_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        return record
+
+    def _sample(self, graphdef, params, seconds: dict[str, float]) -> dict[str, Any]:
+        s = self.cfg.sampling
+        prompt = perplexity.prompts(self.run_cfg, self.manifest, s.num_samples, s.prompt_tokens)
+        eos, mask = self.ids["eos"], self.ids["mask"]
+        samplers, outputs = {}, {}
+        for name, generate in SAMPLERS.items():
+            out = generate(graphdef, params, prompt, s, mask, eos, jax.random.key(s.seed))
+            lengths = sampling.generated_lengths(out, s.prompt_tokens, eos)
+            generated = [row[s.prompt_tokens:s.prompt_tokens + n] for row, n in zip(out.tokens, lengths)]
+            metrics = {
+                "nfe": out.nfe,
+                "cache_forwards": out.cache_forwards,
+                "tokens_per_forward": float(lengths.mean() / max(out.nfe, 1)),
+                "tokens_per_s": float(lengths.sum() / out.seconds),
+                "seconds": round(out.seconds, 4),
+                "mean_length": float(lengths.mean()),
+                **{f"distinct_{n}": quality.distinct_n(generated, n) for n in (1, 2, 3)},
+            }
+            if self.reference is not None:
+                metrics["gen_ppl"] = quality.generative_perplexity(*self.reference, out.tokens, s.prompt_tokens, lengths)
+            samplers[name], outputs[name] = metrics, out
+            seconds[name] = out.seconds
+        spd = outputs["spd"]
+        samplers["spd"]["identical_to_cached"] = bool(np.array_equal(spd.tokens, outputs["spd_cached"].tokens))
+        return {
+            "samplers": samplers,
+            "samples": [self.tokenizer.decode(row.tolist()) for row in spd.tokens],
+            "trace": {
+                "tokens": [self.tokenizer.id_to_token(int(t)) or "" for t in spd.tokens[0]],
+                "decoded_at": spd.decoded_at[0].tolist(),
+                "revisions": spd.revisions[0].tolist(),
+            },
+        }
+
+    def record(self, result: dict[str, Any]) -> None:
+        self.ledger.append(result)
+        flat = {f"eval/{k}": v for k, v in result["perplexity"].items()}
+        for name, metrics in result.get("samplers", {}).items():
+            flat.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
+        self.wandb.log(result["step"], flat)
+        path = self.ledger.directory / "report.html"
+        path.write_text(report.render(self.ledger.records(), self.run_dir))
+
+    def once(self) -> int:
+        """Evaluates every committed, not yet evaluated step; returns how many."""
+        count = 0
+        for step in self.pending():
+            result = self.evaluate(step)
+            if result is None:
+                continue
+            self.record(result)
+            count += 1
+            ppl = result["perplexity"]
+            figure = ppl.get("ppl_bound", ppl.get("ar_ppl"))
+            spd = result.get("samplers", {}).get("spd")
+            extra = f", SPD {spd['tokens_per_forward']:.2f} tokens/forward" if spd else ""
+            print(f"step {step}: ppl {figure:.3f}{extra} ({result['wall_seconds']['total']:.1f}s)", flush=True)
+        return count
+
+    def watch(self) -> None:
+        """Evaluates checkpoints as they commit, until the run's final step has been evaluated."""
+        final = self.run_cfg.train.steps
+        while final not in self.ledger.steps():
+            if not self.once():
+                time.sleep(self.cfg.poll_seconds)
+
+    def close(self) -> None:
+        self.wandb.finish()
