@@ -1,0 +1,220 @@
+"""The eval stage: SPD implementations agree, decode rules hold, the bound is exact and
+deterministic, the ledger is idempotent, and a watcher keeps up with a live trainer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from evals import __main__ as cli
+from evals import checkpoints, perplexity, sampling
+from evals.config import PerplexityConfig, SamplingConfig
+from tests.conftest import TINY_MODEL
+from trainer import config as config_lib
+from trainer import data, train
+from trainer.config import ModelConfig
+from trainer.model import Transformer
+
+EVAL_SMALL = ["perplexity.max_tokens=1500", "perplexity.time_samples=2", "sampling.num_samples=2",
+              "sampling.gen_length=16", "sampling.block_length=8", "sampling.steps=8", "wandb_mode=disabled"]
+MASK, EOS = 39, 2
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    cfg = ModelConfig(vocab_size=40, hidden=32, layers=2, heads=2, mlp_hidden=64, max_seq_len=128)
+    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(3)))
+    return graphdef, nnx.to_pure_dict(params)
+
+
+PROMPT = np.random.default_rng(0).integers(4, 39, (3, 5)).astype(np.int32)
+SETTINGS = [
+    dict(gen_length=32, block_length=16),
+    dict(gen_length=32, block_length=16, threshold=0.05),
+    dict(gen_length=20, block_length=4, threshold=0.02, confidence_stop=0.05),
+    dict(gen_length=32, block_length=8, temperature=1.0, top_k=3, threshold=0.1),
+    dict(gen_length=24, block_length=8, steps=3, suppress_mask=False),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+@pytest.mark.parametrize("eos", [EOS, -1])
+def test_spd_cached_and_uncached_give_identical_tokens(random_model, settings, eos):
+    cfg = SamplingConfig(**settings)
+    plain = sampling.spd_generate(*random_model, PROMPT, cfg, MASK, eos, jax.random.key(1))
+    cached = sampling.spd_generate_cached(*random_model, PROMPT, cfg, MASK, eos, jax.random.key(1))
+    assert np.array_equal(plain.tokens, cached.tokens)
+    assert np.array_equal(plain.decoded_at, cached.decoded_at) and plain.nfe == cached.nfe
+    assert plain.tokens.shape == (3, 5 + cfg.gen_length)
+    assert (plain.tokens[:, :5] == PROMPT).all()
+    if settings.get("suppress_mask", True):
+        assert not (plain.tokens == MASK).any()
+
+
+def test_threshold_above_one_decodes_one_position_per_pass_leftmost_first(random_model):
+    cfg = SamplingConfig(gen_length=24, block_length=8, steps=8, threshold=1.5)
+    out = sampling.spd_generate(*random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    for row in out.decoded_at:
+        generated = row[5:]
+        assert len(set(generated.tolist())) == len(generated)  # one position per pass
+        for block_start in range(8, 32, 8):  # blocks at absolute positions; the first is partial
+            block = row[max(block_start - 8, 5):block_start]
+            assert (np.diff(block) > 0).all()  # leftmost first
+    assert out.nfe >= 24  # every block takes at least as many passes as it has masks
+    assert np.array_equal(out.tokens, sampling.spd_generate_cached(
+        *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0)).tokens)
+
+
+def test_generation_stops_after_eos_and_fills_it(random_model):
+    cfg = SamplingConfig(gen_length=32, block_length=8)
+    out = sampling.spd_generate(*random_model, PROMPT, cfg, MASK, EOS, jax.random.key(0))
+    for row in out.tokens[:, 5:]:
+        hits = np.flatnonzero(row == EOS)
+        if len(hits):
+            assert (row[hits[0]:] == EOS).all()
+    lengths = sampling.generated_lengths(out, 5, EOS)
+    assert ((lengths >= 1) & (lengths <= 32)).all()
+
+
+def test_remasking_commits_one_token_per_step_within_blocks(random_model):
+    cfg = SamplingConfig(gen_length=16, block_length=8)  # remask_steps 0 = one token per step
+    out = sampling.remask_generate(*random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    assert out.nfe == 16
+    for row in out.decoded_at:
+        assert sorted(row[5:].tolist()) == list(range(1, 17))
+        assert row[5:13].max() < row[13:].min()  # block 1 is finished before block 2 starts
+
+
+# --------------------------------------------------------------------------- a trained run
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("evals") / "run"
+    cfg = config_lib.load(None, [f"data.path={tiny_dataset}", f"run_dir={run_dir}", *TINY_MODEL,
+                                 "train.steps=20", "train.checkpoint_every=10", "train.log_every=10"])
+    assert train.run(cfg) == 0
+    return run_dir
+
+
+def test_perplexity_bound_is_deterministic_and_equals_a_direct_computation(trained_run):
+    run_cfg = checkpoints.load_config(str(trained_run))
+    manifest = data.load_manifest(run_cfg.data.path)
+    graphdef, params = checkpoints.restore_params(checkpoints.reader(str(trained_run)), 20, run_cfg)
+    cfg = PerplexityConfig(max_tokens=600, time_samples=3, batch_size=2, seed=5)
+    first = perplexity.evaluate(graphdef, params, run_cfg, manifest, cfg)
+    assert first == perplexity.evaluate(graphdef, params, run_cfg, manifest, cfg)
+
+    # Direct: the same rows, grid and keys, with masks and NLL computed here in numpy.
+    model = nnx.merge(graphdef, params)
+    mask_id = manifest["tokenizer"]["special_ids"]["mask"]
+    eps = run_cfg.objective.eps
+    grid = eps + (1 - eps) * (np.arange(3) + 0.5) / 3
+    total, count, seen = 0.0, 0, 0
+    rows = data.packed_dataset(run_cfg, manifest, "validation", 2, shuffle=False, repeat=False)
+    for index, batch in enumerate(rows):
+        if seen >= 600:
+            break
+        tokens, segments = batch["tokens"], batch["tokens_segment_ids"]
+        real = segments != 0
+        seen += int(real.sum())
+        for k, t in enumerate(grid):
+            _, mask_key = jax.random.split(jax.random.fold_in(jax.random.key(5), index * 3 + k))
+            masked = np.asarray(jax.random.uniform(mask_key, tokens.shape)) < (1 - eps) * t
+            masked &= real
+            logits = np.array(model(jnp.where(masked, mask_id, tokens), segments, batch["tokens_positions"]))
+            logits[..., mask_id] = -np.inf
+            logp = logits - logits.max(-1, keepdims=True)
+            logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+            nll = -np.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+            total += float((nll * masked).sum() / t)
+            count += int(real.sum())
+    assert first["ppl_tokens"] == seen
+    np.testing.assert_allclose(first["nats_per_token"], total / count, rtol=1e-4)
+    np.testing.assert_allclose(first["ppl_bound"], np.exp(total / count), rtol=1e-4)
+
+
+def test_once_fills_the_ledger_idempotently_and_writes_the_report(trained_run, capsys):
+    assert cli.main(["--run_dir", str(trained_run), "--once", *EVAL_SMALL]) == 0
+    ledger = trained_run / "evals" / "ledger.jsonl"
+    lines = ledger.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [10, 20]
+    latest = records[-1]
+    assert {"spd", "spd_cached", "remask"} == set(latest["samplers"])
+    assert latest["samplers"]["spd"]["identical_to_cached"] is True
+    assert latest["samplers"]["remask"]["tokens_per_forward"] <= 1.0
+    assert np.isfinite(latest["perplexity"]["ppl_bound"]) and len(latest["samples"]) == 2
+    assert all(isinstance(s, str) and s for s in latest["samples"])
+    assert latest["checkpoint"].endswith("checkpoints/20") and "total" in latest["wall_seconds"]
+    capsys.readouterr()
+    assert cli.main(["--run_dir", str(trained_run), "--once", *EVAL_SMALL]) == 0
+    assert "every committed checkpoint is evaluated (2)" in capsys.readouterr().out
+    assert ledger.read_text().splitlines() == lines  # never twice, never lost
+    page = (trained_run / "evals" / "report.html").read_text()
+    assert "<svg" in page and "spd_cached" in page and "Draft and polish" in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_run_directory_errors(tmp_path, capsys, tiny_dataset):
+    assert cli.main(["--run_dir", str(tmp_path / "nope"), *EVAL_SMALL]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["--run_dir", str(tmp_path / "empty"), *EVAL_SMALL]) == 2
+    assert "not a trainer run directory" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    cfg = config_lib.load(None, [f"data.path={tiny_dataset}", f"run_dir={fresh}", *TINY_MODEL])
+    (fresh / "config.yaml").write_text(config_lib.dump(cfg))
+    assert cli.main(["--run_dir", str(fresh), "--once", *EVAL_SMALL]) == 0
+    assert "no committed checkpoint to evaluate yet" in capsys.readouterr().out
+    cfg.data.path = str(tmp_path / "no-data")
+    (fresh / "config.yaml").write_text(config_lib.dump(cfg))
+    assert cli.main(["--run_dir", str(fresh), *EVAL_SMALL]) == 2
+    assert "has no manifest.json" in capsys.readouterr().err
+
+
+def test_watcher_beside_a_live_trainer_evaluates_each_step_once(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "live"
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "trainer", f"data.path={tiny_dataset}", f"run_dir={run_dir}", *TINY_MODEL,
+         "train.steps=60", "train.checkpoint_every=10", "train.keep_last=10"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    import time
+
+    while not (run_dir / "config.yaml").exists():  # the watcher needs the run to exist
+        assert trainer.poll() is None, trainer.stderr.read()
+        time.sleep(0.1)
+    watcher = subprocess.run(
+        [sys.executable, "-m", "evals", "--run_dir", str(run_dir), "--watch", "poll_seconds=0.5", *EVAL_SMALL],
+        capture_output=True, text=True, timeout=900)
+    assert trainer.wait(timeout=600) == 0
+    assert watcher.returncode == 0, watcher.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (run_dir / "evals" / "ledger.jsonl").read_text().splitlines()]
+    assert sorted(steps) == [10, 20, 30, 40, 50, 60] and len(set(steps)) == len(steps)
+
+
+def test_gen_ppl_uses_an_ar_reference_run(trained_run, tiny_dataset, tmp_path):
+    ar_dir = tmp_path / "ar"
+    cfg = config_lib.load(None, [f"data.path={tiny_dataset}", f"run_dir={ar_dir}", *TINY_MODEL,
+                                 "train.steps=10", "train.checkpoint_every=10", "objective.name=ar"])
+    assert train.run(cfg) == 0
+    assert cli.main(["--run_dir", str(ar_dir), "--once", *EVAL_SMALL]) == 0  # AR runs: exact ppl only
+    ar_record = json.loads((ar_dir / "evals" / "ledger.jsonl").read_text().splitlines()[0])
+    assert "ar_ppl" in ar_record["perplexity"] and "samplers" not in ar_record
+    fresh = tmp_path / "mdlm"
+    mdlm = config_lib.load(None, [f"data.path={tiny_dataset}", f"run_dir={fresh}", *TINY_MODEL,
+                                  "train.steps=10", "train.checkpoint_every=10"])
+    assert train.run(mdlm) == 0
+    assert cli.main(["--run_dir", str(fresh), "--once", f"gen_ppl_run_dir={ar_dir}", *EVAL_SMALL]) == 0
+    record = json.loads((fresh / "evals" / "ledger.jsonl").read_text().splitlines()[0])
+    assert all(np.isfinite(m["gen_ppl"]) and m["gen_ppl"] > 1 for m in record["samplers"].values())
+
+
