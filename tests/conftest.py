@@ -57,3 +57,25 @@ TINY_MODEL = ["model.hidden=32", "model.layers=2", "model.heads=2", "model.mlp_h
 def tiny_overrides(tiny_dataset, tmp_path) -> list[str]:
     """key=value overrides for a CPU-sized MDLM run on tiny_dataset in a fresh run_dir."""
     return [f"data.path={tiny_dataset}", f"run_dir={tmp_path / 'run'}", *TINY_MODEL]
+
+
+@pytest.fixture(scope="session")
+def trajectory_dataset(tmp_path_factory) -> pathlib.Path:
+    """Arithmetic question/answer trajectories, preprocessed like DMax's (generated: no shared/ needed)."""
+    import json
+    import random
+
+    from pipelines import preprocess
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(400):
+        a, b = rng.randint(2, 40), rng.randint(2, 40)
+        rows.append({"question": f"Tom has {a} apples and gets {b} more. How many apples does he have?",
+                     "answer": f"He has {a} + {b} = {a + b} apples.\nThe answer is {a + b}."})
+    source = tmp_path_factory.mktemp("trajectories") / "rows.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = source.parent / "data"
+    assert preprocess.main(["--dataset", "dmax_trajectories", "--input", str(source), "--output", str(out),
+                            "--vocab_size", "300", "--num_shards", "2", "--validation_fraction", "0.1"]) == 0
+    return out

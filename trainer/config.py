@@ -37,10 +37,15 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ObjectiveConfig:
-    name: str = "mdlm"  # mdlm | ar
+    name: str = "mdlm"  # mdlm | ar | oput (DMax on-policy uniform training, trajectory data)
     noise_schedule: str = "loglinear"  # loglinear | linear | cosine (mdlm)
     antithetic: bool = True  # low-discrepancy time sampling across the batch (mdlm)
     eps: float = 1e-3  # smallest diffusion time (mdlm)
+    block_size: int = 32  # block-diffusion block length (oput)
+    noise_range_low: float = 0.75  # per-example mask rate drawn from [low, high] (oput)
+    noise_range_high: float = 0.75  # (oput)
+    on_policy_ratio: float = 0.5  # share of examples trained on the model's own drafts (oput)
+    supervised_eos: int = 32  # trailing EOS positions after the response that carry loss (oput)
 
 
 @dataclasses.dataclass
@@ -95,7 +100,12 @@ class Config:
             (0 < d.seq_len <= m.max_seq_len, "data.seq_len", f"must be in [1, model.max_seq_len={m.max_seq_len}]"),
             (d.packing_bins >= 1, "data.packing_bins", "must be at least 1"),
             (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
-            (self.objective.name in ("mdlm", "ar"), "objective.name", "must be mdlm or ar"),
+            (self.objective.name in ("mdlm", "ar", "oput"), "objective.name", "must be mdlm, ar or oput"),
+            (self.objective.name != "oput" or d.seq_len % self.objective.block_size == 0, "data.seq_len",
+             f"must be a multiple of objective.block_size={self.objective.block_size} for oput"),
+            (0 <= self.objective.noise_range_low <= self.objective.noise_range_high <= 1,
+             "objective.noise_range_low", "and noise_range_high must satisfy 0 <= low <= high <= 1"),
+            (0 <= self.objective.on_policy_ratio <= 1, "objective.on_policy_ratio", "must be in [0, 1]"),
             (self.objective.noise_schedule in ("loglinear", "linear", "cosine"), "objective.noise_schedule",
              "must be loglinear, linear or cosine"),
             (0 < self.objective.eps < 1, "objective.eps", "must be in (0, 1)"),

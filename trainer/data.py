@@ -71,8 +71,10 @@ class _Decode(grain.transforms.Map):
         self._num_fields, self._dtype = num_fields, np.dtype(dtype).newbyteorder("<")
 
     def map(self, record: bytes) -> dict[str, np.ndarray]:
+        lengths = np.frombuffer(record, "<u4", count=self._num_fields)
         ids = np.frombuffer(record, self._dtype, offset=4 * self._num_fields)
-        return {"tokens": ids.astype(np.int32)}
+        # Fields before the last one are the prompt (trajectories); text has none.
+        return {"tokens": ids.astype(np.int32), "prompt_len": np.int32(lengths[:-1].sum())}
 
 
 class _SplitLongDocuments(grain.experimental.FlatMapTransform):
@@ -86,6 +88,27 @@ class _SplitLongDocuments(grain.experimental.FlatMapTransform):
     def flat_map(self, element):
         tokens = element["tokens"]
         return [{"tokens": tokens[i : i + self._seq_len]} for i in range(0, len(tokens), self._seq_len)]
+
+
+class _TrajectoryRow(grain.transforms.Map):
+    """One prompt + response example in a fixed row (no packing: examples never see each other).
+
+    The row is padded with EOS; the response and the first `supervised_eos` EOS after it carry
+    loss, the prompt and the rest do not (DMax's labels). A response that overflows the row is
+    cut at the row's end (counted in `truncated`).
+    """
+
+    def __init__(self, seq_len: int, eos_id: int, supervised_eos: int):
+        self._seq_len, self._eos, self._supervised_eos = seq_len, eos_id, supervised_eos
+
+    def map(self, element):
+        tokens, prompt_len = element["tokens"], int(element["prompt_len"])
+        row = np.full(self._seq_len, self._eos, np.int32)
+        row[: min(len(tokens), self._seq_len)] = tokens[: self._seq_len]
+        index = np.arange(self._seq_len)
+        supervised = (index >= prompt_len) & (index < len(tokens) + self._supervised_eos)
+        return {"tokens": row, "prompt_len": np.int32(min(prompt_len, self._seq_len)),
+                "loss_mask": supervised, "truncated": np.int32(len(tokens) > self._seq_len)}
 
 
 def shard_paths(path: str, manifest: dict[str, Any], split: str) -> list[str]:
@@ -118,12 +141,30 @@ def packed_dataset(
     return ds.batch(batch_size, drop_remainder=repeat)
 
 
+def trajectory_dataset(cfg: Config, manifest: dict[str, Any], split: str, batch_size: int, *, shuffle: bool,
+                       repeat: bool, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Batches of {tokens, prompt_len, loss_mask, truncated} for prompt/response training."""
+    if manifest["record_schema"]["fields"] != ["prompt", "response"]:
+        raise DataError(f"objective.name={cfg.objective.name} needs prompt/response records "
+                        f"(preprocess --dataset dmax_trajectories); {cfg.data.path} holds "
+                        f"{manifest['record_schema']['fields']}")
+    ds = documents(cfg.data.path, manifest, split)
+    if shuffle:
+        ds = ds.shuffle(seed=cfg.seed)
+    if repeat:
+        ds = ds.repeat()
+    row = _TrajectoryRow(cfg.data.seq_len, special_ids(manifest)["eos"], cfg.objective.supervised_eos)
+    ds = ds[process_index::process_count].map(row).to_iter_dataset()
+    return ds.batch(batch_size, drop_remainder=repeat)
+
+
 def train_iterator(cfg: Config, manifest: dict[str, Any], process_index: int = 0,
                    process_count: int = 1):
     """The checkpointable training iterator of this process's share of each global batch."""
     per_process = cfg.train.global_batch // process_count
-    ds = packed_dataset(cfg, manifest, "train", per_process, shuffle=True, repeat=True,
-                        process_index=process_index, process_count=process_count)
+    make = trajectory_dataset if cfg.objective.name == "oput" else packed_dataset
+    ds = make(cfg, manifest, "train", per_process, shuffle=True, repeat=True,
+              process_index=process_index, process_count=process_count)
     if cfg.data.num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=cfg.data.num_workers, per_worker_buffer_size=cfg.data.prefetch))

@@ -20,8 +20,8 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from trainer import checkpoint, data, loss, observe
-from trainer.config import Config, OptimConfig, dump, to_dict
+from trainer import checkpoint, data, loss, observe, oput
+from trainer.config import Config, ObjectiveConfig, OptimConfig, dump, to_dict
 from trainer.model import Transformer, param_count, train_flops_per_token
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
@@ -51,36 +51,44 @@ def init_state(cfg: Config, tx: optax.GradientTransformation) -> tuple[nnx.Graph
     }
 
 
-def objective_fn(name: str):
-    return {"mdlm": loss.mdlm_loss, "ar": loss.ar_loss}[name]
+def batch_loss(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, cfg: ObjectiveConfig):
+    """(summed loss, token count, summed diagnostics) of one micro-batch under the configured objective."""
+    if cfg.name == "oput":
+        return oput.oput_loss(model, batch, key, mask_id, cfg)
+    segments, positions = batch["tokens_segment_ids"], batch["tokens_positions"]
+    logits_fn = lambda toks_BL, causal: model(toks_BL, segments, positions, causal)  # noqa: E731
+    objective = loss.ar_loss if cfg.name == "ar" else loss.mdlm_loss
+    total, count = objective(logits_fn, batch["tokens"], segments, key, mask_id, cfg)
+    return total, count, {}
 
 
 def make_train_step(graphdef: nnx.GraphDef, cfg: Config, mask_id: int, tx: optax.GradientTransformation,
                     schedule: optax.Schedule):
     accum = cfg.train.grad_accum
-    objective = objective_fn(cfg.objective.name)
 
-    def summed_loss(params, tokens_BL, segment_ids_BL, positions_BL, key):
-        model = nnx.merge(graphdef, params)
-        logits_fn = lambda toks_BL, causal: model(toks_BL, segment_ids_BL, positions_BL, causal)  # noqa: E731
-        return objective(logits_fn, tokens_BL, segment_ids_BL, key, mask_id, cfg.objective)
+    def summed_loss(params, micro_batch, key):
+        total, count, sums = batch_loss(nnx.merge(graphdef, params), micro_batch, key, mask_id, cfg.objective)
+        return total, (count, sums)
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
     def step(state, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         micro = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])  # noqa: E731
-        xs = (micro(batch["tokens"]), micro(batch["tokens_segment_ids"]),
-              micro(batch["tokens_positions"]), jax.random.split(key, accum))
+        xs = (jax.tree.map(micro, batch), jax.random.split(key, accum))
 
         def accumulate(carry, x):
-            grads, total, count = carry
-            (micro_total, micro_count), micro_grads = grad_fn(state["params"], *x)
+            grads, total, count, sums = carry
+            (micro_total, (micro_count, micro_sums)), micro_grads = grad_fn(state["params"], *x)
             grads = jax.tree.map(jnp.add, grads, micro_grads)
-            return (grads, total + micro_total, count + micro_count), None
+            sums = jax.tree.map(jnp.add, sums, micro_sums)
+            return (grads, total + micro_total, count + micro_count, sums), None
 
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
-        (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0), xs)
+        sum_shapes = jax.eval_shape(lambda: summed_loss(state["params"], jax.tree.map(lambda x: x[0], xs[0]),
+                                                        xs[1][0])[1][1])
+        zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sum_shapes)
+        (grads, total, count, sums), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0, zero_sums), xs)
         count = jnp.maximum(count, 1)
         grads = jax.tree.map(lambda g: g / count, grads)  # exactly the full-batch mean
         value = total / count
@@ -93,9 +101,18 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: Config, mask_id: int, tx: optax
         params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
         metrics = {"loss": value, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
+        if cfg.objective.name == "oput":
+            metrics.update(oput.report(sums))
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=0)
+
+
+def real_tokens(batch: dict[str, np.ndarray]) -> int:
+    """Tokens of a host batch that are data, not padding (for tokens/s)."""
+    if "tokens_segment_ids" in batch:
+        return int(np.count_nonzero(batch["tokens_segment_ids"]))
+    return int(batch["loss_mask"].sum() + batch["prompt_len"].sum())
 
 
 class _Preemption:
@@ -133,6 +150,8 @@ def run(cfg: Config) -> int:
     wandb = observe.Wandb(cfg.run_dir, cfg.wandb.project, cfg.wandb.mode, to_dict(cfg))
     peak, peak_source = observe.device_peak_flops(cfg.model.compute_dtype)
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+    if cfg.objective.name == "oput":  # two streams, each trained (6/weight) after a rollout forward (2/weight)
+        flops_per_token = train_flops_per_token(cfg.model, 2 * cfg.data.seq_len) * 2 * 8 / 6
     preemption = _Preemption()
     print(f"model {param_count(cfg.model) / 1e6:.2f}M params, {flops_per_token / 1e6:.1f} MFLOP/token; "
           f"{'resuming at step ' + str(start) if start else 'fresh run'}; "
@@ -151,7 +170,7 @@ def run(cfg: Config) -> int:
                 print(f"preempted: checkpoint saved at step {step}")
                 return PREEMPTED_EXIT_CODE
             batch = next(iterator)
-            window_tokens += int(np.count_nonzero(batch["tokens_segment_ids"]))
+            window_tokens += real_tokens(batch)
             state, metrics = train_step(state, batch)
             done = step + 1
             value = float(metrics["loss"])
@@ -170,8 +189,11 @@ def run(cfg: Config) -> int:
                           "mfu": tokens_per_s * flops_per_token / peak}
                 if cfg.objective.name == "mdlm":
                     record.update(nelbo=value, ppl_bound=float(np.exp(min(value, 50.0))))
-                else:
+                elif cfg.objective.name == "ar":
                     record.update(ppl=float(np.exp(min(value, 50.0))))
+                else:
+                    record.update({k: float(metrics[k]) for k in
+                                   ("loss_masked", "loss_on_policy", "replaced_fraction", "truncated_examples")})
                 metrics_log.write(record)
                 wandb.log(done, record)
                 bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{tokens_per_s:,.0f}")
