@@ -1,4 +1,4 @@
-"""RUN/evals/ledger.jsonl: one line per evaluated step, rewritten atomically so no line is ever partial."""
+"""RUN/evals/ledger.jsonl: one line per evaluated step, replaced whole so no line is ever partial."""
 
 from __future__ import annotations
 
@@ -28,7 +28,15 @@ class Ledger:
         if record["step"] in {r["step"] for r in records}:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        text = "".join(json.dumps(r) + "\n" for r in [*records, record])
-        tmp = self.directory / f".ledger.jsonl.tmp-{uuid.uuid4().hex}"
-        tmp.write_text(text)
-        tmp.replace(self.path)  # an atomic rename on local disks
+        write_whole(self.path, "".join(json.dumps(r) + "\n" for r in [*records, record]))
+
+
+def write_whole(path: epath.Path, text: str) -> None:
+    """Replaces a file so that readers see the old or the new text, never a part: an object
+    store publishes an object only once fully uploaded; a local file is renamed into place."""
+    if "://" in str(path):
+        path.write_text(text)
+        return
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -119,8 +119,7 @@ class Evaluator:
         for name, metrics in result.get("samplers", {}).items():
             flat.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
         self.wandb.log(result["step"], flat)
-        path = self.ledger.directory / "report.html"
-        path.write_text(report.render(self.ledger.records(), self.run_dir))
+        ledger.write_whole(self.ledger.directory / "report.html", report.render(self.ledger.records(), self.run_dir))
 
     def once(self) -> int:
         """Evaluates every committed, not yet evaluated step; returns how many."""

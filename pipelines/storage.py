@@ -30,32 +30,41 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def _temporary_name(path: str) -> str:
-    # Unique per attempt, so a retried bundle never collides with a half-written file.
+def _staging_name(path: str) -> str:
+    """Where to write before `path` is in place. A GCS object appears only when its upload
+    completes, so object stores take the final name directly (no copy-and-delete rename);
+    a local file is written under a name unique to this attempt and renamed into place."""
+    if "://" in path:
+        return path
     return f"{path}.tmp-{uuid.uuid4().hex}"
 
 
+def _commit(staged: str, path: str) -> None:
+    if staged != path:
+        FileSystems.rename([staged], [path])
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Writes `data` to a temporary name, then renames it into place."""
-    tmp = _temporary_name(path)
-    with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    """Writes `data` so that `path` is either absent or complete, never partial."""
+    staged = _staging_name(path)
+    with FileSystems.create(staged, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         f.write(data)
-    FileSystems.rename([tmp], [path])
+    _commit(staged, path)
 
 
 def copy_local_file_atomic(local_path: str, path: str) -> tuple[int, str]:
     """Copies a local file to `path` (local or gs://) atomically; returns (bytes, sha256)."""
-    tmp = _temporary_name(path)
+    staged = _staging_name(path)
     digest = hashlib.sha256()
     size = 0
     with open(local_path, "rb") as src, FileSystems.create(
-        tmp, compression_type=CompressionTypes.UNCOMPRESSED
+        staged, compression_type=CompressionTypes.UNCOMPRESSED
     ) as dst:
         while chunk := src.read(_COPY_CHUNK):
             digest.update(chunk)
             size += len(chunk)
             dst.write(chunk)
-    FileSystems.rename([tmp], [path])
+    _commit(staged, path)
     return size, digest.hexdigest()
 
 

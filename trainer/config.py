@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import yaml
+from etils import epath
 
 
 class ConfigError(Exception):
@@ -172,10 +173,9 @@ def load_into(config: Any, path: str | None, overrides: list[str]) -> Any:
     """Fills a config dataclass from a YAML file, then `key=value` overrides; checks keys and types."""
     if path is not None:
         try:
-            with open(path) as f:
-                values = yaml.safe_load(f) or {}
+            values = yaml.safe_load(epath.Path(path).read_text()) or {}
         except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(values, dict):

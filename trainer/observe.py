@@ -42,14 +42,22 @@ class MetricsLog:
 
     def __init__(self, run_dir: str, resume_step: int):
         self._path = epath.Path(run_dir) / "metrics.jsonl"
+        self._lines: list[str] = []
         if self._path.exists():
-            kept = [line for line in self._path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
-            self._path.write_text("".join(line + "\n" for line in kept))
+            self._lines = [line for line in self._path.read_text().splitlines()
+                           if line and json.loads(line)["step"] <= resume_step]
+        self._path.write_text("".join(line + "\n" for line in self._lines))
+        # Object stores (gs://) cannot append: there each write replaces the whole file.
+        self._append = "://" not in str(self._path)
 
     def write(self, record: dict[str, Any]) -> None:
-        with self._path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record)
+        self._lines.append(line)
+        if self._append:
+            with self._path.open("a") as f:
+                f.write(line + "\n")
+        else:
+            self._path.write_text("".join(x + "\n" for x in self._lines))
 
 
 class Wandb:

@@ -1,0 +1,90 @@
+"""The whole path, as users run it: raw text -> shards -> checkpoints -> evaluated ledger and report,
+on local disk (the README's first command, shrunk) and with every location on gs://."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.conftest import TINY_MODEL
+from tests.gcs import BUCKET
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMALL_MODEL = " ".join(m for m in TINY_MODEL if not m.startswith(("wandb", "train.log_every")))
+SMALL_EVAL = ("perplexity.max_tokens=3000 perplexity.time_samples=2 sampling.num_samples=2 "
+              "sampling.gen_length=32 sampling.block_length=16 sampling.steps=16")
+
+
+def check_outputs(read_text, list_dir, data_dir: str, run_dir: str, steps: list[int]) -> None:
+    """The contents a user relies on, through `read_text(path)` / `list_dir(path)` (local or gs://)."""
+    manifest = json.loads(read_text(f"{data_dir}/manifest.json"))
+    shard_files = {s["file"] for split in ("train", "validation") for s in manifest["splits"][split]["shards"]}
+    assert shard_files <= set(list_dir(data_dir))
+    assert sum(s["num_records"] for s in manifest["splits"]["train"]["shards"]) > 0
+    ledger = [json.loads(line) for line in read_text(f"{run_dir}/evals/ledger.jsonl").splitlines()]
+    assert sorted(r["step"] for r in ledger) == steps  # one line per committed step
+    assert sorted(int(name) for name in list_dir(f"{run_dir}/checkpoints") if name.isdigit()) == steps
+    bounds = [r["perplexity"]["ppl_bound"] for r in sorted(ledger, key=lambda r: r["step"])]
+    assert all(np.isfinite(bounds)) and bounds[-1] < bounds[0]
+    samples = ledger[-1]["samples"]
+    assert samples and all(isinstance(s, str) and len(s.split()) >= 3 for s in samples)
+    page = read_text(f"{run_dir}/evals/report.html")
+    assert "<svg" in page and "Draft and polish" in page
+
+
+def test_readme_first_command_end_to_end(tmp_path):
+    run = tmp_path / "quickstart"
+    env = {**os.environ, "RUN": str(run), "STORIES": "400", "STEPS": "40", "PYTHON": sys.executable,
+           "TRAIN_ARGS": SMALL_MODEL + " optim.warmup_steps=5", "EVAL_ARGS": SMALL_EVAL, "WANDB_MODE": "offline"}
+    result = subprocess.run(["bash", str(ROOT / "quickstart.sh")], env=env, capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("1/4", "2/4", "3/4", "4/4"):
+        assert f"== {stage}" in result.stdout
+    assert f"open {run}/train/evals/report.html" in result.stdout
+    check_outputs(lambda p: pathlib.Path(p).read_text(), os.listdir, f"{run}/data", f"{run}/train",
+                  [10, 20, 30, 40])
+    assert list((run / "train" / "wandb").glob("offline-run-*"))  # offline wandb logging happened
+
+
+def test_end_to_end_on_gcs(gcs_emulator, story_file):
+    data, run = f"gs://{BUCKET}/e2e/data", f"gs://{BUCKET}/e2e/run"
+    gcs_emulator.python(
+        "import sys\nfrom apache_beam.io.filesystems import FileSystems\n"
+        "with FileSystems.create(sys.argv[2]) as f: f.write(open(sys.argv[1], 'rb').read())",
+        str(story_file), f"gs://{BUCKET}/e2e/raw/stories.txt")
+    commands = [
+        ["-m", "pipelines.preprocess", "--dataset", "tinystories", "--input", f"gs://{BUCKET}/e2e/raw/*.txt",
+         "--output", data, "--vocab_size", "320", "--num_shards", "2"],
+        ["-m", "trainer", f"data.path={data}", f"run_dir={run}", *SMALL_MODEL.split(), "train.steps=30",
+         "train.checkpoint_every=10", "wandb.mode=disabled", "optim.warmup_steps=5"],
+        ["-m", "evals", "--run_dir", run, "--once", "wandb_mode=disabled", *SMALL_EVAL.split()],
+    ]
+    for command in commands:
+        result = subprocess.run([sys.executable, *command], env=gcs_emulator.env, capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, (command[1], result.stderr[-3000:])
+    reader = (
+        "import json, sys\nfrom etils import epath\n"
+        "out = {}\n"
+        "for p in sys.argv[1:]:\n"
+        "    q = epath.Path(p)\n"
+        "    out[p] = sorted(x.name for x in q.iterdir()) if q.is_dir() else q.read_text()\n"
+        "print(json.dumps(out))"
+    )
+    paths = [f"{data}/manifest.json", data, f"{run}/evals/ledger.jsonl", f"{run}/checkpoints",
+             f"{run}/evals/report.html", f"{run}/metrics.jsonl"]
+    files = json.loads(gcs_emulator.python(reader, *paths).strip().splitlines()[-1])
+    check_outputs(files.__getitem__, files.__getitem__, data, run, [10, 20, 30])
+    logged = [json.loads(line)["step"] for line in files[f"{run}/metrics.jsonl"].splitlines()]
+    assert logged == [10, 20, 30]  # GCS cannot append: the file is rewritten whole, losing no line
+    verify = subprocess.run([sys.executable, "-m", "pipelines.manifest", data], env=gcs_emulator.env,
+                            capture_output=True, text=True, timeout=300)
+    assert verify.returncode == 0, verify.stderr
+
+
