@@ -72,8 +72,12 @@ class Wandb:
             return
         import wandb  # heavy: only imported when logging is on
 
-        group = hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:16]
-        directory = epath.Path(run_dir) / ("" if job_type == "train" else job_type)
+        remote = "://" in run_dir
+        group = hashlib.sha256((run_dir if remote else os.path.abspath(run_dir)).encode()).hexdigest()[:16]
+        if remote:  # wandb writes local files only
+            directory = epath.Path(os.environ.get("WANDB_DIR", "wandb")) / f"{group}-{job_type}"
+        else:
+            directory = epath.Path(run_dir) / ("" if job_type == "train" else job_type)
         directory.mkdir(parents=True, exist_ok=True)
         self._run = wandb.init(project=project, dir=str(directory), mode=mode, config=config,
                                id=f"{group}-{job_type}", group=group, job_type=job_type,

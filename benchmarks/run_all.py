@@ -1,0 +1,52 @@
+"""Runs every benchmark and writes one JSON summary (the README's figures come from it).
+
+    python benchmarks/run_all.py [--out benchmarks/latest.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCHMARKS = {  # name: (script, full-size args, --quick args)
+    "preprocess": ("preprocess.py", [], ["--stories", "10000"]),
+    "train_step": ("train_step.py", [], ["--steps", "2"]),
+    "sampling": ("sampling.py", [], ["--train_steps", "200", "--samples", "2"]),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(HERE, "latest.json"), help="Where to write the summary.")
+    parser.add_argument("--quick", action="store_true", help="Smaller inputs: minutes instead of tens of minutes.")
+    args = parser.parse_args()
+    summary = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}",
+        "quick": args.quick,
+        "results": {},
+    }
+    for name, (script, full, quick) in BENCHMARKS.items():
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            command = [sys.executable, os.path.join(HERE, script), *(quick if args.quick else full), "--out", out.name]
+            print(f"== {name}: {' '.join(command[1:])}", flush=True)
+            result = subprocess.run(command, cwd=os.path.dirname(HERE), capture_output=True, text=True)
+            if result.returncode != 0:
+                summary["results"][name] = {"error": result.stderr.strip().splitlines()[-1:]}
+                continue
+            summary["results"][name] = json.load(open(out.name))
+    with open(args.out, "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
