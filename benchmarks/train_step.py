@@ -42,8 +42,8 @@ def step_flops(shape: tuple[int, ...], dtype: str, steps: int) -> dict:
     m.max_seq_len, m.compute_dtype = seq, dtype
     cfg.data.seq_len, cfg.train.global_batch = seq, batch
     tx, schedule = train.make_optimizer(cfg.optim, 1000)
-    graphdef, state = train.init_state(cfg, tx)
-    step = train.make_train_step(graphdef, cfg, VOCAB - 1, tx, schedule)
+    state = train.init_state(cfg, tx)
+    step = train.make_train_step(train.model_graphdef(cfg), cfg, VOCAB - 1, tx, schedule)
     rng = np.random.default_rng(0)
     batch_arrays = {
         "tokens": rng.integers(0, VOCAB - 1, (batch, seq)).astype(np.int32),

@@ -8,11 +8,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
 
 from trainer import config as config_lib
 from trainer import train
-from trainer.model import Transformer
 
 
 class RunError(Exception):
@@ -43,8 +41,8 @@ def committed_steps(mngr: ocp.CheckpointManager) -> list[int]:
 def restore_params(mngr: ocp.CheckpointManager, step: int, cfg: config_lib.Config) -> tuple[Any, dict]:
     """(graphdef, params) of `step`, placed on this process's first device whatever mesh trained it."""
     tx, _ = train.make_optimizer(cfg.optim, cfg.train.steps)
-    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))[0]
-    abstract = jax.eval_shape(lambda: train.init_state(cfg, tx)[1])
+    graphdef = train.model_graphdef(cfg)
+    abstract = jax.eval_shape(lambda: train.init_state(cfg, tx))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))

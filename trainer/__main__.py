@@ -12,15 +12,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value, nested keys with dots (train.steps=100)")
     args = parser.parse_args(argv)
 
-    from trainer import config as config_lib, data, train  # after argparse: --help stays instant
+    from trainer import checkpoint, data, train  # after argparse: --help stays instant
+    from trainer import config as config_lib
 
     try:
         cfg = config_lib.load(args.config, args.overrides)
         import jax
 
-        cfg.validate(num_devices=jax.device_count())
+        cfg.validate(num_devices=jax.device_count(), num_processes=jax.process_count())
         return train.run(cfg)
-    except (config_lib.ConfigError, data.DataError) as e:
+    except (config_lib.ConfigError, data.DataError, checkpoint.TopologyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except train.NonFiniteLoss as e:
@@ -28,6 +29,22 @@ def main(argv: list[str]) -> int:
         return 1
 
 
+def initialize_distributed() -> None:
+    """Joins a multi-process run: explicit JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID (e.g. GPU hosts), or JAX's own detection on a Cloud TPU slice. Only here,
+    under __main__, so Grain's worker processes never run it."""
+    import os
+
+    import jax
+
+    if "JAX_COORDINATOR_ADDRESS" in os.environ:
+        jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
+                                   int(os.environ["JAX_PROCESS_ID"]))
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
 if __name__ == "__main__":
     flags.FLAGS(sys.argv[:1])  # Grain's worker processes read absl flags; parse them once here
+    initialize_distributed()
     sys.exit(main(sys.argv[1:]))

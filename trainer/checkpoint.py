@@ -6,6 +6,7 @@ name), so a restart always resumes from a complete state.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -31,6 +32,26 @@ def manager(run_dir: str, cfg: TrainConfig) -> ocp.CheckpointManager:
 def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any], iterator, force: bool = False):
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)), force=force)
+
+
+class TopologyError(Exception):
+    """Resuming with another number of data-loading processes: one line, exit code 2."""
+
+
+def check_process_count(run_dir: str) -> None:
+    """Grain's iterator state is one per process, so a run resumes only with the process count that
+    wrote it (devices per process and the mesh may change). The first start records the count."""
+    import jax
+
+    record = epath.Path(run_dir) / "checkpoints" / "processes.json"
+    if record.exists():
+        saved = json.loads(record.read_text())["process_count"]
+        if saved != jax.process_count():
+            raise TopologyError(f"{run_dir} was trained by {saved} process(es); its data-iterator state cannot "
+                                f"resume on {jax.process_count()}: use {saved} processes or a new run_dir")
+    elif jax.process_index() == 0:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"process_count": jax.process_count()}))
 
 
 def restore_latest(mngr: ocp.CheckpointManager, state: dict[str, Any], iterator) -> dict[str, Any] | None:

@@ -73,6 +73,14 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class MeshConfig:
+    data: int = 1  # pure data parallelism (parameters replicated)
+    fsdp: int = -1  # data parallelism with parameters sharded (-1 = the remaining devices)
+    tensor: int = 1  # model parallelism over heads, MLP width and vocabulary
+    rules: str = "batch=data+fsdp,vocab=tensor,embed=fsdp,heads=tensor,mlp=tensor"  # logical axis=mesh axes
+
+
+@dataclasses.dataclass
 class WandbConfig:
     mode: str = "offline"  # offline | online | disabled (WANDB_MODE overrides)
     project: str = "diffusion-lm-jax"  # wandb project
@@ -87,10 +95,14 @@ class Config:
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
-    def validate(self, num_devices: int = 1) -> None:
+    def validate(self, num_devices: int = 1, num_processes: int = 1) -> None:
+        from trainer import sharding  # imports this module
+
         m, d, t = self.model, self.data, self.train
+        batch_parallel = sharding.batch_parallelism(self.mesh, num_devices)  # also checks the mesh
         rules = [
             (bool(self.run_dir), "run_dir", "is required"),
             (m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the dataset)"),
@@ -112,8 +124,10 @@ class Config:
             (0 < self.objective.eps < 1, "objective.eps", "must be in (0, 1)"),
             (t.steps >= 1, "train.steps", "must be at least 1"),
             (t.grad_accum >= 1, "train.grad_accum", "must be at least 1"),
-            (t.global_batch % (t.grad_accum * num_devices) == 0, "train.global_batch",
-             f"must be divisible by grad_accum x devices = {t.grad_accum * num_devices}"),
+            (t.global_batch % (t.grad_accum * batch_parallel) == 0, "train.global_batch",
+             f"must be divisible by grad_accum x batch-parallel devices = {t.grad_accum * batch_parallel}"),
+            (t.global_batch % num_processes == 0, "train.global_batch",
+             f"must be divisible by the {num_processes} processes"),
             (t.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1"),
             (t.keep_last >= 1, "train.keep_last", "must be at least 1"),
             (t.log_every >= 1, "train.log_every", "must be at least 1"),

@@ -20,7 +20,7 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from trainer import checkpoint, data, loss, observe, oput
+from trainer import checkpoint, data, loss, observe, oput, sharding
 from trainer.config import Config, ObjectiveConfig, OptimConfig, dump, to_dict
 from trainer.model import Transformer, param_count, train_flops_per_token
 
@@ -39,16 +39,27 @@ def make_optimizer(cfg: OptimConfig, steps: int) -> tuple[optax.GradientTransfor
     return optax.chain(clip, optax.adamw(schedule, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay)), schedule
 
 
-def init_state(cfg: Config, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, dict[str, Any]]:
-    """(graphdef, state): state is plain pytrees (params as a pure dict) for jit and orbax."""
-    graphdef, params = nnx.split(Transformer(cfg.model, nnx.Rngs(params=cfg.seed)))
-    params = nnx.to_pure_dict(params)
-    return graphdef, {
+def model_graphdef(cfg: Config) -> nnx.GraphDef:
+    """The model's structure without its weights (nothing is allocated)."""
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))[0]
+
+
+def init_state(cfg: Config, tx: optax.GradientTransformation) -> dict[str, Any]:
+    """The train state as plain pytrees (params as a pure dict) for jit and orbax."""
+    params = nnx.to_pure_dict(nnx.split(Transformer(cfg.model, nnx.Rngs(params=cfg.seed)))[1])
+    return {
         "params": params,
         "opt_state": tx.init(params),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(jax.random.key(cfg.seed)),
     }
+
+
+def sharded_init(cfg: Config, tx: optax.GradientTransformation, mesh, rules) -> tuple[dict[str, Any], Any]:
+    """(state created directly in its shardings, those shardings)."""
+    abstract = jax.eval_shape(lambda: init_state(cfg, tx))
+    shardings = sharding.state_shardings(abstract, mesh, rules)
+    return jax.jit(lambda: init_state(cfg, tx), out_shardings=shardings)(), shardings
 
 
 def batch_loss(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, cfg: ObjectiveConfig):
@@ -63,7 +74,7 @@ def batch_loss(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int,
 
 
 def make_train_step(graphdef: nnx.GraphDef, cfg: Config, mask_id: int, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule):
+                    schedule: optax.Schedule, shardings=None, batch_sharding=None):
     accum = cfg.train.grad_accum
 
     def summed_loss(params, micro_batch, key):
@@ -105,7 +116,10 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: Config, mask_id: int, tx: optax
             metrics.update(oput.report(sums))
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                   donate_argnums=0)
 
 
 def real_tokens(batch: dict[str, np.ndarray]) -> int:
@@ -133,33 +147,41 @@ def run(cfg: Config) -> int:
         cfg.model.vocab_size = manifest["tokenizer"]["vocab_size"]
     data.check_dataset(cfg.data.path, manifest, cfg.model)
     mask_id = data.special_ids(manifest)["mask"]
+    lead = jax.process_index() == 0  # logs, progress, wandb and config: process 0 only
     run_dir = epath.Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump(cfg))
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump(cfg))
 
+    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.parse_rules(cfg.mesh.rules)
+    rows = sharding.batch_sharding(mesh, rules)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-    graphdef, state = init_state(cfg, tx)
-    iterator = data.train_iterator(cfg, manifest)
+    state, shardings = sharded_init(cfg, tx, mesh, rules)
+    iterator = data.train_iterator(cfg, manifest, jax.process_index(), jax.process_count())
     mngr = checkpoint.manager(cfg.run_dir, cfg.train)
-    restored = checkpoint.restore_latest(mngr, state, iterator)
+    checkpoint.check_process_count(cfg.run_dir)
+    restored = checkpoint.restore_latest(mngr, state, iterator)  # onto this run's mesh, whatever saved it
     state = restored if restored is not None else state
     start = int(state["step"])
-    train_step = make_train_step(graphdef, cfg, mask_id, tx, schedule)
+    train_step = make_train_step(model_graphdef(cfg), cfg, mask_id, tx, schedule, shardings, rows)
 
-    metrics_log = observe.MetricsLog(cfg.run_dir, start)
-    wandb = observe.Wandb(cfg.run_dir, cfg.wandb.project, cfg.wandb.mode, to_dict(cfg))
+    metrics_log = observe.MetricsLog(cfg.run_dir, start) if lead else None
+    wandb = observe.Wandb(cfg.run_dir, cfg.wandb.project, cfg.wandb.mode if lead else "disabled", to_dict(cfg))
     peak, peak_source = observe.device_peak_flops(cfg.model.compute_dtype)
+    peak *= jax.device_count()
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
     if cfg.objective.name == "oput":  # two streams, each trained (6/weight) after a rollout forward (2/weight)
         flops_per_token = train_flops_per_token(cfg.model, 2 * cfg.data.seq_len) * 2 * 8 / 6
     preemption = _Preemption()
-    print(f"model {param_count(cfg.model) / 1e6:.2f}M params, {flops_per_token / 1e6:.1f} MFLOP/token; "
-          f"{'resuming at step ' + str(start) if start else 'fresh run'}; "
-          f"{data.epochs_for(manifest, cfg):.2f} epochs; MFU vs {peak / 1e9:.0f} GFLOP/s ({peak_source})")
+    if lead:
+        print(f"model {param_count(cfg.model) / 1e6:.2f}M params, {flops_per_token / 1e6:.1f} MFLOP/token; "
+              f"{'resuming at step ' + str(start) if start else 'fresh run'}; "
+              f"{data.epochs_for(manifest, cfg):.2f} epochs; mesh {dict(mesh.shape)} over "
+              f"{jax.process_count()} process(es); MFU vs {peak / 1e9:.0f} GFLOP/s ({peak_source})")
 
     save = functools.partial(checkpoint.save, mngr)
     # In logs (no TTY) a redraw every few seconds instead of a carriage-return flood.
-    bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True,
+    bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True, disable=not lead,
                mininterval=0.1 if sys.stderr.isatty() else 15)
     window_tokens, window_start = 0, time.perf_counter()
     try:
@@ -170,8 +192,8 @@ def run(cfg: Config) -> int:
                 print(f"preempted: checkpoint saved at step {step}")
                 return PREEMPTED_EXIT_CODE
             batch = next(iterator)
-            window_tokens += real_tokens(batch)
-            state, metrics = train_step(state, batch)
+            window_tokens += real_tokens(batch) * jax.process_count()
+            state, metrics = train_step(state, sharding.global_batch(batch, rows))
             done = step + 1
             value = float(metrics["loss"])
             if not bool(metrics["finite"]):
@@ -194,7 +216,8 @@ def run(cfg: Config) -> int:
                 else:
                     record.update({k: float(metrics[k]) for k in
                                    ("loss_masked", "loss_on_policy", "replaced_fraction", "truncated_examples")})
-                metrics_log.write(record)
+                if lead:
+                    metrics_log.write(record)
                 wandb.log(done, record)
                 bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 window_tokens, window_start = 0, time.perf_counter()

@@ -1,0 +1,123 @@
+"""The trainer on a device mesh: 4 simulated CPU devices in several layouts give the single-device
+losses, parameters are sharded as the rules say, and a run resumes onto another mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import TINY_MODEL
+from trainer.config import ConfigError, MeshConfig
+from trainer.sharding import mesh_shape, parse_rules
+
+LAYOUTS = {
+    "data4": ["mesh.data=4", "mesh.fsdp=1"],
+    "fsdp4": ["mesh.fsdp=4"],
+    "data2_fsdp2": ["mesh.data=2", "mesh.fsdp=2"],
+    "fsdp2_tensor2": ["mesh.fsdp=2", "mesh.tensor=2"],
+}
+SPECS = """
+import json, sys
+import jax
+from trainer import config, sharding, train
+cfg = config.load(None, sys.argv[1:])
+cfg.model.vocab_size = 64
+mesh, rules = sharding.make_mesh(cfg.mesh), sharding.parse_rules(cfg.mesh.rules)
+tx, _ = train.make_optimizer(cfg.optim, 10)
+state, _ = train.sharded_init(cfg, tx, mesh, rules)
+block = state["params"]["blocks"][0]
+mu = state["opt_state"][1][0].mu["blocks"][0]
+out = {name: list(array.sharding.spec) for name, array in {
+    "embedding": state["params"]["embed"]["embedding"], "qkv": block["attn"]["qkv"]["kernel"],
+    "down": block["mlp"]["down"]["kernel"], "scale": block["attn_norm"]["scale"],
+    "mu_qkv": mu["attn"]["qkv"]["kernel"], "step": state["step"]}.items()}
+out["shards_of_qkv"] = len(block["attn"]["qkv"]["kernel"].addressable_shards)
+print(json.dumps(out))
+"""
+
+
+def four_devices() -> dict[str, str]:
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+
+def run_trainer(overrides, env=None):
+    result = subprocess.run([sys.executable, "-m", "trainer", *overrides], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(tiny_dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    run_trainer([f"data.path={tiny_dataset}", f"run_dir={run_dir}", *TINY_MODEL, "train.steps=6",
+                 "train.checkpoint_every=3"])
+    return losses(run_dir)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_four_device_layouts_match_one_device(layout, tiny_dataset, tmp_path, single_device_losses):
+    run_dir = tmp_path / layout
+    run_trainer([f"data.path={tiny_dataset}", f"run_dir={run_dir}", *TINY_MODEL, "train.steps=6",
+                 "train.checkpoint_every=3", *LAYOUTS[layout]], env=four_devices())
+    np.testing.assert_allclose(losses(run_dir), single_device_losses, rtol=2e-4)
+
+
+EXPECTED = {  # hidden 32, mlp 64, vocab 64 under the default rules
+    "data4": {"embedding": [None, None], "qkv": [None, None], "down": [None, None], "scale": [None]},
+    "fsdp4": {"embedding": [None, "fsdp"], "qkv": ["fsdp", None], "down": [None, "fsdp"], "scale": ["fsdp"]},
+    "data2_fsdp2": {"embedding": [None, "fsdp"], "qkv": ["fsdp", None], "down": [None, "fsdp"],
+                    "scale": ["fsdp"]},
+    "fsdp2_tensor2": {"embedding": ["tensor", "fsdp"], "qkv": ["fsdp", "tensor"], "down": ["tensor", "fsdp"],
+                      "scale": ["fsdp"]},
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_parameters_and_optimizer_state_are_sharded_by_the_rules(layout):
+    result = subprocess.run([sys.executable, "-c", SPECS, *TINY_MODEL, *LAYOUTS[layout], "run_dir=x",
+                             "data.path=x"], env=four_devices(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    specs = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, expected in EXPECTED[layout].items():
+        assert specs[name] == expected, (name, specs[name])
+    assert specs["mu_qkv"] == specs["qkv"]  # Adam moments live where their parameters do
+    assert specs["step"] == [] and specs["shards_of_qkv"] == 4
+
+
+def test_resume_onto_another_mesh_continues_the_run(tiny_dataset, tmp_path, single_device_losses):
+    run_dir = tmp_path / "moved"
+    common = [f"data.path={tiny_dataset}", f"run_dir={run_dir}", *TINY_MODEL, "train.checkpoint_every=3"]
+    run_trainer([*common, "train.steps=3", "mesh.fsdp=4"], env=four_devices())
+    run_trainer([*common, "train.steps=6", "mesh.fsdp=2", "mesh.tensor=2"], env=four_devices())
+    run_trainer([*common, "train.steps=6"])  # nothing left to do on one device: restores and stops
+    np.testing.assert_allclose(losses(run_dir), single_device_losses, rtol=2e-4)
+
+
+def test_resuming_with_another_process_count_is_refused(tiny_dataset, tmp_path, capsys):
+    from trainer import __main__ as cli
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "processes.json").write_text('{"process_count": 2}')
+    assert cli.main([f"data.path={tiny_dataset}", f"run_dir={run_dir}", *TINY_MODEL, "train.steps=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "trained by 2 process(es)" in err and len(err.splitlines()) == 1
+
+
+def test_mesh_config_errors():
+    assert mesh_shape(MeshConfig(data=2, fsdp=-1, tensor=1), 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    with pytest.raises(ConfigError, match="multiply to 6"):
+        mesh_shape(MeshConfig(data=3, fsdp=2, tensor=1), 4)
+    with pytest.raises(ConfigError, match="at most one -1"):
+        mesh_shape(MeshConfig(data=-1, fsdp=-1), 4)
+    with pytest.raises(ConfigError, match="mesh.rules entry"):
+        parse_rules("vocab=pipeline")
