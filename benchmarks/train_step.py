@@ -6,7 +6,8 @@ Prints JSON: for the tiny and a medium config, the achieved model FLOP/s of a co
 MDLM train step (FLOPs from the config, synthetic batch), this machine's dense matmul
 FLOP/s in the same dtype measured in the same run, and their ratio (MFU); then Grain's
 packed-batch tokens/s (in process and with 2 worker processes) against reading and
-decoding the same ArrayRecord shards raw with ArrayRecord's C++ bulk reader.
+decoding the same ArrayRecord shards raw with ArrayRecord's C++ bulk reader; and the tiny
+step's tokens/s on 4 simulated devices (fsdp) against 1.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -23,7 +26,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
 from pipelines import corpus, preprocess
-from trainer import data, observe, train
+from trainer import data, observe, sharding, train
 from trainer.config import Config
 from trainer.model import param_count, train_flops_per_token
 
@@ -35,6 +38,7 @@ VOCAB = 4096
 
 
 def step_flops(shape: tuple[int, ...], dtype: str, steps: int) -> dict:
+    """One compiled MDLM step over all local devices (fsdp across them), timed."""
     hidden, layers, heads, mlp, seq, batch = shape
     cfg = Config(run_dir="unused")
     m = cfg.model
@@ -42,14 +46,16 @@ def step_flops(shape: tuple[int, ...], dtype: str, steps: int) -> dict:
     m.max_seq_len, m.compute_dtype = seq, dtype
     cfg.data.seq_len, cfg.train.global_batch = seq, batch
     tx, schedule = train.make_optimizer(cfg.optim, 1000)
-    state = train.init_state(cfg, tx)
-    step = train.make_train_step(train.model_graphdef(cfg), cfg, VOCAB - 1, tx, schedule)
+    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.parse_rules(cfg.mesh.rules)
+    state, shardings = train.sharded_init(cfg, tx, mesh, rules)
+    rows = sharding.batch_sharding(mesh, rules)
+    step = train.make_train_step(train.model_graphdef(cfg), cfg, VOCAB - 1, tx, schedule, shardings, rows)
     rng = np.random.default_rng(0)
-    batch_arrays = {
+    batch_arrays = sharding.global_batch({
         "tokens": rng.integers(0, VOCAB - 1, (batch, seq)).astype(np.int32),
         "tokens_segment_ids": np.ones((batch, seq), np.int32),
         "tokens_positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
-    }
+    }, rows)
     start = time.perf_counter()
     state, metrics = step(state, batch_arrays)
     jax.block_until_ready(metrics)
@@ -102,6 +108,21 @@ def loader_rates(batches: int) -> dict:
     return result
 
 
+def device_scaling(steps: int, dtype: str) -> dict:
+    """The tiny step on 1 and on 4 simulated devices (XLA host devices share this CPU's cores)."""
+    rates = {}
+    for devices in (1, 4):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        code = ("import json, sys; sys.argv = ['x']; from benchmarks.train_step import step_flops, SHAPES; "
+                f"print(json.dumps(step_flops(SHAPES['tiny'], {dtype!r}, {steps})))")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                             check=True)
+        rates[f"devices_{devices}_tokens_per_s"] = json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
+    rates["ratio_4_vs_1"] = round(rates["devices_4_tokens_per_s"] / rates["devices_1_tokens_per_s"], 3)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="Timed steps per config.")
@@ -125,6 +146,7 @@ def main() -> None:
         "device_peak_source": source,
         "configs": configs,
         "loader": loader_rates(200),
+        "device_scaling": device_scaling(args.steps, args.dtype),
     }
     text = json.dumps(report, indent=2)
     print(text)
@@ -134,8 +156,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     from absl import flags
 
     flags.FLAGS(sys.argv[:1])  # Grain's worker processes read absl flags

@@ -121,3 +121,45 @@ def test_mesh_config_errors():
         mesh_shape(MeshConfig(data=-1, fsdp=-1), 4)
     with pytest.raises(ConfigError, match="mesh.rules entry"):
         parse_rules("vocab=pipeline")
+
+
+def test_two_processes_read_disjoint_records_that_make_the_global_batch(tiny_dataset):
+    from trainer import config as config_lib
+    from trainer import data
+
+    cfg = config_lib.load(None, [f"data.path={tiny_dataset}", "run_dir=x", *TINY_MODEL, "data.streams=2"])
+    manifest = data.load_manifest(str(tiny_dataset))
+    whole = data.train_iterator(cfg, manifest, 0, 1)
+    halves = [data.train_iterator(cfg, manifest, p, 2) for p in (0, 1)]
+    for _ in range(3):
+        expected = next(whole)
+        parts = [next(h) for h in halves]
+        for key in expected:
+            assert np.array_equal(np.concatenate([p[key] for p in parts]), expected[key])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_on_localhost_train_like_one(tiny_dataset, tmp_path):
+    common = [f"data.path={tiny_dataset}", *TINY_MODEL, "train.steps=4", "train.checkpoint_every=2", "data.streams=2"]
+    run_trainer([*common, f"run_dir={tmp_path / 'one'}"], env=four_devices())
+    port = _free_port()
+    jobs = []
+    for process in (0, 1):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(process)}
+        jobs.append(subprocess.Popen([sys.executable, "-m", "trainer", *common, f"run_dir={tmp_path / 'two'}"],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for job in jobs:
+        _, err = job.communicate(timeout=600)
+        assert job.returncode == 0, err[-3000:]
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=2e-4)
+    steps = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == ["2", "4"]

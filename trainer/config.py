@@ -34,6 +34,7 @@ class DataConfig:
     packing_bins: int = 32  # rows filled at once by first-fit packing
     num_workers: int = 0  # Grain worker processes (0 = in the trainer process)
     prefetch: int = 2  # batches each worker prepares ahead
+    streams: int = 0  # loader streams per global batch, a multiple of the process count (0 = one per process)
 
 
 @dataclasses.dataclass
@@ -126,8 +127,10 @@ class Config:
             (t.grad_accum >= 1, "train.grad_accum", "must be at least 1"),
             (t.global_batch % (t.grad_accum * batch_parallel) == 0, "train.global_batch",
              f"must be divisible by grad_accum x batch-parallel devices = {t.grad_accum * batch_parallel}"),
-            (t.global_batch % num_processes == 0, "train.global_batch",
-             f"must be divisible by the {num_processes} processes"),
+            (d.streams >= 0 and (d.streams or num_processes) % num_processes == 0, "data.streams",
+             f"must be 0 or a multiple of the {num_processes} processes"),
+            (t.global_batch % (d.streams or num_processes) == 0, "train.global_batch",
+             f"must be divisible by the loader streams ({d.streams or num_processes})"),
             (t.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1"),
             (t.keep_last >= 1, "train.keep_last", "must be at least 1"),
             (t.log_every >= 1, "train.log_every", "must be at least 1"),

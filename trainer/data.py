@@ -158,13 +158,50 @@ def trajectory_dataset(cfg: Config, manifest: dict[str, Any], split: str, batch_
     return ds.batch(batch_size, drop_remainder=repeat)
 
 
+class _ConcatStreams(grain.IterDataset):
+    """Each step, one batch from every stream, concatenated along rows (stream order)."""
+
+    def __init__(self, streams: list[grain.IterDataset]):
+        super().__init__(streams)
+        self._streams = streams
+
+    def __iter__(self):
+        return _ConcatStreamsIterator([iter(stream) for stream in self._streams])
+
+
+class _ConcatStreamsIterator(grain.DatasetIterator):
+    def __init__(self, iterators):
+        super().__init__(iterators)
+        self._iterators = iterators
+
+    def __next__(self):
+        batches = [next(it) for it in self._iterators]
+        return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+    def get_state(self):
+        return {"streams": [it.get_state() for it in self._iterators]}
+
+    def set_state(self, state):
+        for it, stream_state in zip(self._iterators, state["streams"]):
+            it.set_state(stream_state)
+
+
 def train_iterator(cfg: Config, manifest: dict[str, Any], process_index: int = 0,
                    process_count: int = 1):
-    """The checkpointable training iterator of this process's share of each global batch."""
-    per_process = cfg.train.global_batch // process_count
+    """The checkpointable training iterator of this process's share of each global batch.
+
+    A global batch is `data.streams` equal parts; stream s reads records s, s + streams, ...
+    of the shuffled order and packs them on its own. A process owns a contiguous run of
+    streams, so the global batch is the same whatever the number of processes, and each
+    process reads only its own records.
+    """
+    streams = cfg.data.streams or process_count
+    rows = cfg.train.global_batch // streams
     make = trajectory_dataset if cfg.objective.name == "oput" else packed_dataset
-    ds = make(cfg, manifest, "train", per_process, shuffle=True, repeat=True,
-              process_index=process_index, process_count=process_count)
+    owned = range(process_index * streams // process_count, (process_index + 1) * streams // process_count)
+    parts = [make(cfg, manifest, "train", rows, shuffle=True, repeat=True, process_index=s, process_count=streams)
+             for s in owned]
+    ds = parts[0] if len(parts) == 1 else _ConcatStreams(parts)
     if cfg.data.num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=cfg.data.num_workers, per_worker_buffer_size=cfg.data.prefetch))
