@@ -22,6 +22,7 @@ import time
 
 from tokenizers import Tokenizer
 
+from _common import emit
 from pipelines import corpus, manifest
 
 # Peak RSS from VmHWM: exec resets it, while ru_maxrss carries the forking parent's peak.
@@ -99,11 +100,7 @@ def main() -> None:
         "job": jobs,
         "peak_rss_mib": {**memory, "ratio_4x_vs_1x": round(memory["4x"] / memory["1x"], 2)},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

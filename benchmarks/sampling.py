@@ -12,7 +12,6 @@ generative perplexity under the AR run and distinct-n, plus the ratios the goals
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -21,6 +20,7 @@ import tempfile
 
 import jax
 
+from _common import emit
 from evals import checkpoints, perplexity, quality, sampling
 from evals.config import SamplingConfig
 from trainer import data
@@ -95,11 +95,7 @@ def main() -> None:
     report = {"benchmark": "sampling",
               "machine": f"{platform.machine()} {os.cpu_count()} cpus, {jax.devices()[0].device_kind}",
               "threshold": args.threshold, "samples": args.samples, "results": results}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

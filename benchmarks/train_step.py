@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
+from _common import emit
 from pipelines import corpus, preprocess
 from trainer import data, observe, sharding, train
 from trainer.config import Config
@@ -113,7 +114,8 @@ def device_scaling(steps: int, dtype: str) -> dict:
     rates = {}
     for devices in (1, 4):
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-        code = ("import json, sys; sys.argv = ['x']; from benchmarks.train_step import step_flops, SHAPES; "
+        code = ("import json, sys; sys.argv = ['x']; sys.path.insert(0, 'benchmarks'); "
+                "from train_step import step_flops, SHAPES; "
                 f"print(json.dumps(step_flops(SHAPES['tiny'], {dtype!r}, {steps})))")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
@@ -148,11 +150,7 @@ def main() -> None:
         "loader": loader_rates(200),
         "device_scaling": device_scaling(args.steps, args.dtype),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 from tokenizers import Tokenizer
 
-from pipelines import corpus, manifest, preprocess, records, tokenizer
+from pipelines import corpus, manifest, preprocess, records
 from tests.gcs import BUCKET
 
 
