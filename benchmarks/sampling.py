@@ -66,7 +66,7 @@ def main() -> None:
         reference = latest(ar_dir)[1] if ar_dir else None
         manifest = data.load_manifest(run_cfg.data.path)
         ids = data.special_ids(manifest)
-        prompt_len = 8
+        prompt_len = 16
         prompt = perplexity.prompts(run_cfg, manifest, args.samples, prompt_len)
         results = {}
         for gen_length in (128, 1024):

@@ -18,7 +18,7 @@ class PerplexityConfig:
 @dataclasses.dataclass
 class SamplingConfig:
     num_samples: int = 4  # prompts, taken from the validation split
-    prompt_tokens: int = 8  # leading tokens of each validation document used as the prompt
+    prompt_tokens: int = 16  # leading tokens of each validation document used as the prompt
     gen_length: int = 64  # tokens generated after the prompt
     block_length: int = 32  # semi-autoregressive block size
     steps: int = 32  # SPD: passes per block at most

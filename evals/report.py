@@ -72,9 +72,11 @@ def render(records: list[dict[str, Any]], run_dir: str) -> str:
              f"<h2>Validation {metric} vs step</h2>", _plot(points, metric)]
     latest = records[-1] if records else None
     if latest and latest.get("samplers"):
-        parts += [f"<h2>Samplers at step {latest['step']}</h2>", _sampler_table(latest["samplers"]),
-                  "<h2>Latest samples (SPD)</h2>",
-                  *[f'<div class="sample">{html.escape(s)}</div>' for s in latest["samples"]]]
+        parts += [f"<h2>Samplers at step {latest['step']}</h2>", _sampler_table(latest["samplers"])]
+        by_sampler = latest.get("samples_by_sampler") or {"spd": latest["samples"]}
+        for name, samples in by_sampler.items():
+            parts += [f"<h2>Latest samples: {html.escape(name)}</h2>",
+                      *[f'<div class="sample">{html.escape(s)}</div>' for s in samples]]
         if latest.get("trace"):
             parts += ["<h2>Draft and polish: one SPD sample, pass by pass</h2>", _trace(latest["trace"])]
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>evals</title><style>{_STYLE}</style>"

@@ -102,10 +102,14 @@ class Evaluator:
             samplers[name], outputs[name] = metrics, out
             seconds[name] = out.seconds
         spd = outputs["spd"]
+        # Equal by construction, but the two programs multiply matrices of different shapes, so a
+        # near-tie in a trained model can round differently: reported, not assumed.
         samplers["spd"]["identical_to_cached"] = bool(np.array_equal(spd.tokens, outputs["spd_cached"].tokens))
         return {
             "samplers": samplers,
             "samples": [self.tokenizer.decode(row.tolist()) for row in spd.tokens],
+            "samples_by_sampler": {name: [self.tokenizer.decode(row.tolist()) for row in out.tokens]
+                                   for name, out in outputs.items()},
             "trace": {
                 "tokens": [self.tokenizer.id_to_token(int(t)) or "" for t in spd.tokens[0]],
                 "decoded_at": spd.decoded_at[0].tolist(),

@@ -218,3 +218,19 @@ def test_gen_ppl_uses_an_ar_reference_run(trained_run, tiny_dataset, tmp_path):
     assert all(np.isfinite(m["gen_ppl"]) and m["gen_ppl"] > 1 for m in record["samplers"].values())
 
 
+
+
+def test_a_step_deleted_before_its_turn_is_skipped_with_a_warning(trained_run, tmp_path, capsys):
+    import shutil
+
+    from evals.config import EvalConfig
+    from evals.run import Evaluator
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    shutil.rmtree(copy / "evals", ignore_errors=True)
+    evaluator = Evaluator(str(copy), EvalConfig())
+    assert evaluator.pending() == [10, 20]
+    shutil.rmtree(copy / "checkpoints" / "10")  # keep-last cleanup, between listing and restoring
+    assert evaluator.evaluate(10) is None
+    assert "step 10 was deleted" in capsys.readouterr().out

@@ -274,3 +274,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_overrides, tmp_path):
     assert saved >= 3 and metrics(run)[-1]["step"] >= saved
     assert _trainer(tiny_overrides, saved + 2).wait(timeout=600) == 0
     assert [m["step"] for m in metrics(run)] == list(range(1, saved + 3))
+
+
+def test_bfloat16_compute_keeps_float32_params(tiny_overrides, tmp_path):
+    cfg = config_lib.load(None, [*tiny_overrides, "model.compute_dtype=bfloat16", "model.remat=true",
+                                 "train.steps=3", "train.checkpoint_every=3"])
+    tx, _ = train.make_optimizer(cfg.optim, 3)
+    cfg.model.vocab_size = 64
+    state = train.init_state(cfg, tx)
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype("float32")}
+    model = nnx.merge(train.model_graphdef(cfg), state["params"])
+    tokens = jnp.ones((2, 16), jnp.int32)
+    logits = model(tokens, jnp.ones_like(tokens), jnp.tile(jnp.arange(16), (2, 1)))
+    assert logits.dtype == jnp.float32  # bf16 inside, float32 logits for the loss
+    cfg.model.vocab_size = 0
+    assert train.run(cfg) == 0
+    assert all(np.isfinite(m["loss"]) for m in metrics(tmp_path / "run"))

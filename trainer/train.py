@@ -219,7 +219,7 @@ def run(cfg: Config) -> int:
                 if lead:
                     metrics_log.write(record)
                 wandb.log(done, record)
-                bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(1)
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
