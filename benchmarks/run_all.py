@@ -19,6 +19,7 @@ BENCHMARKS = {  # name: (script, full-size args, --quick args)
     "preprocess": ("preprocess.py", [], ["--stories", "10000"]),
     "train_step": ("train_step.py", [], ["--steps", "2"]),
     "sampling": ("sampling.py", [], ["--train_steps", "200", "--samples", "2"]),
+    "oput": ("oput.py", [], ["--base_steps", "150", "--tune_steps", "60"]),
 }
 
 

@@ -290,3 +290,17 @@ def test_bfloat16_compute_keeps_float32_params(tiny_overrides, tmp_path):
     cfg.model.vocab_size = 0
     assert train.run(cfg) == 0
     assert all(np.isfinite(m["loss"]) for m in metrics(tmp_path / "run"))
+
+
+def test_init_from_run_starts_from_its_params_with_a_fresh_optimizer(tiny_overrides, tmp_path):
+    base = config_lib.load(None, [*tiny_overrides, "train.steps=5", "train.checkpoint_every=5"])
+    assert train.run(base) == 0
+    tuned = config_lib.load(None, [*tiny_overrides, f"run_dir={tmp_path / 'tuned'}", "train.steps=2",
+                                   "train.checkpoint_every=2", f"train.init_from_run={tmp_path / 'run'}"])
+    assert train.run(tuned) == 0
+    fresh = config_lib.load(None, [*tiny_overrides, f"run_dir={tmp_path / 'fresh'}", "train.steps=2",
+                                   "train.checkpoint_every=2"])
+    assert train.run(fresh) == 0
+    first = lambda name: metrics(tmp_path / name)[0]  # noqa: E731
+    assert first("tuned")["step"] == 1 and first("tuned")["lr"] == first("fresh")["lr"]  # fresh schedule
+    assert first("tuned")["loss"] < metrics(tmp_path / "run")[0]["loss"] - 0.3  # started from trained params

@@ -71,6 +71,7 @@ class TrainConfig:
     keep_every: int = 0  # also keep every K-th step for evals to catch up (0 = off)
     log_every: int = 10  # metrics.jsonl / progress cadence
     nan_policy: str = "stop"  # stop | skip: what a non-finite loss does
+    init_from_run: str = ""  # start from the params of this run's latest checkpoint (fresh optimizer)
 
 
 @dataclasses.dataclass

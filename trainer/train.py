@@ -161,7 +161,10 @@ def run(cfg: Config) -> int:
     mngr = checkpoint.manager(cfg.run_dir, cfg.train)
     checkpoint.check_process_count(cfg.run_dir)
     restored = checkpoint.restore_latest(mngr, state, iterator)  # onto this run's mesh, whatever saved it
-    state = restored if restored is not None else state
+    if restored is not None:
+        state = restored
+    elif cfg.train.init_from_run:
+        state["params"] = checkpoint.params_of_run(cfg.train.init_from_run, state)
     start = int(state["step"])
     train_step = make_train_step(model_graphdef(cfg), cfg, mask_id, tx, schedule, shardings, rows)
 
