@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from evals.config import SamplingConfig
+from trainer.model import head_dim, kv_heads
 
 
 class Samples(NamedTuple):
@@ -243,10 +244,9 @@ def spd_generate_cached(graphdef, params, prompt_BP: np.ndarray, cfg: SamplingCo
 
     def generate(params, prompt_BP, key):
         model = nnx.merge(graphdef, params)
-        heads = model.cfg.heads
-        head_dim = model.cfg.hidden // heads
+        shape = (batch, total, kv_heads(model.cfg), head_dim(model.cfg))
         dtype = jnp.dtype(model.cfg.compute_dtype)
-        caches = [(jnp.zeros((batch, total, heads, head_dim), dtype),) * 2 for _ in range(model.cfg.layers)]
+        caches = [(jnp.zeros(shape, dtype),) * 2 for _ in range(model.cfg.layers)]
         tokens, decoded_at, revisions = _init(prompt_BP, total, mask_id)
         forwards = 0
         for block in range(first_block):  # the prompt's full blocks

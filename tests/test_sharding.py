@@ -33,10 +33,10 @@ state, _ = train.sharded_init(cfg, tx, mesh, rules)
 block = state["params"]["blocks"][0]
 mu = state["opt_state"][1][0].mu["blocks"][0]
 out = {name: list(array.sharding.spec) for name, array in {
-    "embedding": state["params"]["embed"]["embedding"], "qkv": block["attn"]["qkv"]["kernel"],
+    "embedding": state["params"]["embed"]["embedding"], "q": block["attn"]["q"]["kernel"],
     "down": block["mlp"]["down"]["kernel"], "scale": block["attn_norm"]["scale"],
-    "mu_qkv": mu["attn"]["qkv"]["kernel"], "step": state["step"]}.items()}
-out["shards_of_qkv"] = len(block["attn"]["qkv"]["kernel"].addressable_shards)
+    "mu_q": mu["attn"]["q"]["kernel"], "step": state["step"]}.items()}
+out["shards_of_q"] = len(block["attn"]["q"]["kernel"].addressable_shards)
 print(json.dumps(out))
 """
 
@@ -72,11 +72,11 @@ def test_four_device_layouts_match_one_device(layout, tiny_dataset, tmp_path, si
 
 
 EXPECTED = {  # hidden 32, mlp 64, vocab 64 under the default rules
-    "data4": {"embedding": [None, None], "qkv": [None, None], "down": [None, None], "scale": [None]},
-    "fsdp4": {"embedding": [None, "fsdp"], "qkv": ["fsdp", None], "down": [None, "fsdp"], "scale": ["fsdp"]},
-    "data2_fsdp2": {"embedding": [None, "fsdp"], "qkv": ["fsdp", None], "down": [None, "fsdp"],
+    "data4": {"embedding": [None, None], "q": [None, None], "down": [None, None], "scale": [None]},
+    "fsdp4": {"embedding": [None, "fsdp"], "q": ["fsdp", None], "down": [None, "fsdp"], "scale": ["fsdp"]},
+    "data2_fsdp2": {"embedding": [None, "fsdp"], "q": ["fsdp", None], "down": [None, "fsdp"],
                     "scale": ["fsdp"]},
-    "fsdp2_tensor2": {"embedding": ["tensor", "fsdp"], "qkv": ["fsdp", "tensor"], "down": ["tensor", "fsdp"],
+    "fsdp2_tensor2": {"embedding": ["tensor", "fsdp"], "q": ["fsdp", "tensor"], "down": ["tensor", "fsdp"],
                       "scale": ["fsdp"]},
 }
 
@@ -89,8 +89,8 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules(layout):
     specs = json.loads(result.stdout.strip().splitlines()[-1])
     for name, expected in EXPECTED[layout].items():
         assert specs[name] == expected, (name, specs[name])
-    assert specs["mu_qkv"] == specs["qkv"]  # Adam moments live where their parameters do
-    assert specs["step"] == [] and specs["shards_of_qkv"] == 4
+    assert specs["mu_q"] == specs["q"]  # Adam moments live where their parameters do
+    assert specs["step"] == [] and specs["shards_of_q"] == 4
 
 
 def test_resume_onto_another_mesh_continues_the_run(tiny_dataset, tmp_path, single_device_losses):

@@ -18,7 +18,11 @@ class ModelConfig:
     vocab_size: int = 0  # the dataset tokenizer's vocab size; 0 = read it from the manifest
     hidden: int = 256  # model width
     layers: int = 4  # transformer blocks
-    heads: int = 4  # attention heads; hidden must divide evenly
+    heads: int = 4  # query heads
+    kv_heads: int = 0  # key/value heads, grouped-query attention (0 = heads)
+    head_dim: int = 0  # size of one head (0 = hidden // heads)
+    qk_norm: bool = False  # RMSNorm of queries and keys per head (Qwen3)
+    norm_eps: float = 1e-6  # RMSNorm epsilon
     mlp_hidden: int = 704  # SwiGLU inner width
     max_seq_len: int = 256  # longest sequence the model accepts
     rope_theta: float = 10_000.0  # RoPE base
@@ -109,8 +113,9 @@ class Config:
             (bool(self.run_dir), "run_dir", "is required"),
             (m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the dataset)"),
             (bool(d.path), "data.path", "is required (a preprocess output directory)"),
-            (m.hidden % m.heads == 0, "model.heads", f"must divide model.hidden {m.hidden}"),
-            ((m.hidden // m.heads) % 2 == 0, "model.heads", "must leave an even head size for RoPE"),
+            (m.head_dim > 0 or m.hidden % m.heads == 0, "model.heads", f"must divide model.hidden {m.hidden}"),
+            ((m.head_dim or m.hidden // m.heads) % 2 == 0, "model.head_dim", "must be even for RoPE"),
+            (m.heads % (m.kv_heads or m.heads) == 0, "model.kv_heads", f"must divide model.heads {m.heads}"),
             (m.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype", "must be float32 or bfloat16"),
             (0 < d.seq_len <= m.max_seq_len, "data.seq_len", f"must be in [1, model.max_seq_len={m.max_seq_len}]"),
             (d.packing_bins >= 1, "data.packing_bins", "must be at least 1"),

@@ -33,26 +33,44 @@ def attention_mask(segment_ids_BL: jax.Array, causal: bool) -> jax.Array:
     return same_BLL[:, None]
 
 
+def head_dim(cfg: ModelConfig) -> int:
+    return cfg.head_dim or cfg.hidden // cfg.heads
+
+
+def kv_heads(cfg: ModelConfig) -> int:
+    return cfg.kv_heads or cfg.heads
+
+
 class Attention(nnx.Module):
+    """Multi-head attention with grouped-query key/value heads and optional QK-norm (Qwen3)."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.compute_dtype)
-        self.heads, self.theta = cfg.heads, cfg.rope_theta
-        self.qkv = nnx.Linear(cfg.hidden, 3 * cfg.hidden, use_bias=False, dtype=dtype, rngs=rngs)
-        self.out = nnx.Linear(cfg.hidden, cfg.hidden, use_bias=False, dtype=dtype, rngs=rngs)
+        self.heads, self.kv_heads, self.head_dim, self.theta = cfg.heads, kv_heads(cfg), head_dim(cfg), cfg.rope_theta
+        linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)  # noqa: E731
+        self.q = linear(cfg.hidden, self.heads * self.head_dim)
+        self.k = linear(cfg.hidden, self.kv_heads * self.head_dim)
+        self.v = linear(cfg.hidden, self.kv_heads * self.head_dim)
+        self.o = linear(self.heads * self.head_dim, cfg.hidden)
+        norm = lambda: nnx.RMSNorm(self.head_dim, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)  # noqa: E731
+        self.q_norm, self.k_norm = (norm(), norm()) if cfg.qk_norm else (None, None)
 
     def __call__(self, x_BLD, positions_BL, mask_B1LS, cache=None):
-        """cache: (k_BSHK, v_BSHK, offset): this call's keys/values are written at `offset`
-        of fixed-size buffers and the queries attend over the whole buffer (S keys)."""
-        batch, length, hidden = x_BLD.shape
-        qkv = self.qkv(x_BLD).reshape(batch, length, 3, self.heads, hidden // self.heads)
-        q_BLHK, k_BLHK, v_BLHK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q_BLHK, k_BLHK = rope(q_BLHK, positions_BL, self.theta), rope(k_BLHK, positions_BL, self.theta)
+        """cache: (k_BSGK, v_BSGK, offset): this call's keys/values are written at `offset`
+        of fixed-size buffers and the queries attend over the whole buffer (S keys). G = kv heads."""
+        batch, length, _ = x_BLD.shape
+        q_BLHK = self.q(x_BLD).reshape(batch, length, self.heads, self.head_dim)
+        k_BLGK = self.k(x_BLD).reshape(batch, length, self.kv_heads, self.head_dim)
+        v_BLGK = self.v(x_BLD).reshape(batch, length, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_BLHK, k_BLGK = self.q_norm(q_BLHK), self.k_norm(k_BLGK)
+        q_BLHK, k_BLGK = rope(q_BLHK, positions_BL, self.theta), rope(k_BLGK, positions_BL, self.theta)
         if cache is not None:
             cache_k, cache_v, offset = cache
-            k_BLHK = jax.lax.dynamic_update_slice_in_dim(cache_k, k_BLHK.astype(cache_k.dtype), offset, 1)
-            v_BLHK = jax.lax.dynamic_update_slice_in_dim(cache_v, v_BLHK.astype(cache_v.dtype), offset, 1)
-        out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, mask=mask_B1LS)
-        return self.out(out_BLHK.reshape(batch, length, hidden)), (k_BLHK, v_BLHK)
+            k_BLGK = jax.lax.dynamic_update_slice_in_dim(cache_k, k_BLGK.astype(cache_k.dtype), offset, 1)
+            v_BLGK = jax.lax.dynamic_update_slice_in_dim(cache_v, v_BLGK.astype(cache_v.dtype), offset, 1)
+        out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS)
+        return self.o(out_BLHK.reshape(batch, length, self.heads * self.head_dim)), (k_BLGK, v_BLGK)
 
 
 class SwiGLU(nnx.Module):
@@ -69,9 +87,9 @@ class SwiGLU(nnx.Module):
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.compute_dtype)
-        self.attn_norm = nnx.RMSNorm(cfg.hidden, dtype=dtype, rngs=rngs)
+        self.attn_norm = nnx.RMSNorm(cfg.hidden, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
         self.attn = Attention(cfg, rngs)
-        self.mlp_norm = nnx.RMSNorm(cfg.hidden, dtype=dtype, rngs=rngs)
+        self.mlp_norm = nnx.RMSNorm(cfg.hidden, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = SwiGLU(cfg, rngs)
 
     def __call__(self, x_BLD, positions_BL, mask_B1LS, cache=None):
@@ -86,7 +104,7 @@ class Transformer(nnx.Module):
         dtype = jnp.dtype(cfg.compute_dtype)
         self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.layers)])
-        self.final_norm = nnx.RMSNorm(cfg.hidden, dtype=dtype, rngs=rngs)
+        self.final_norm = nnx.RMSNorm(cfg.hidden, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
         self.head = None if cfg.tie_embeddings else nnx.Linear(
             cfg.hidden, cfg.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
 
@@ -113,15 +131,19 @@ class Transformer(nnx.Module):
         return logits_BLV.astype(jnp.float32), kvs
 
 
+def _attention_weights(cfg: ModelConfig) -> int:
+    d, k = cfg.hidden, head_dim(cfg)
+    return 2 * d * cfg.heads * k + 2 * d * kv_heads(cfg) * k  # q and o, k and v
+
+
 def param_count(cfg: ModelConfig) -> int:
     d, f, v = cfg.hidden, cfg.mlp_hidden, cfg.vocab_size
-    per_block = 4 * d * d + 3 * d * f + 2 * d
+    per_block = _attention_weights(cfg) + 3 * d * f + 2 * d + (2 * head_dim(cfg) if cfg.qk_norm else 0)
     head = 0 if cfg.tie_embeddings else d * v
     return v * d + cfg.layers * per_block + d + head
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward + backward matmul FLOPs per token (6 per weight, plus attention scores)."""
-    d = cfg.hidden
-    matmul_weights = cfg.layers * (4 * d * d + 3 * d * cfg.mlp_hidden) + d * cfg.vocab_size
-    return 6 * matmul_weights + 12 * cfg.layers * d * seq_len
+    matmul_weights = cfg.layers * (_attention_weights(cfg) + 3 * cfg.hidden * cfg.mlp_hidden) + cfg.hidden * cfg.vocab_size
+    return 6 * matmul_weights + 12 * cfg.layers * cfg.heads * head_dim(cfg) * seq_len

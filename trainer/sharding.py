@@ -17,10 +17,14 @@ from trainer.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axes of each parameter's dimensions, by the last names on its path.
-PARAM_AXES = {
+PARAM_AXES = {  # the first matching entry wins
     ("embed", "embedding"): ("vocab", "embed"),
-    ("qkv", "kernel"): ("embed", "heads"),
-    ("out", "kernel"): ("heads", "embed"),
+    ("q", "kernel"): ("embed", "heads"),
+    ("k", "kernel"): ("embed", "heads"),
+    ("v", "kernel"): ("embed", "heads"),
+    ("o", "kernel"): ("heads", "embed"),
+    ("q_norm", "scale"): ("head_dim",),  # no rule maps head_dim: replicated
+    ("k_norm", "scale"): ("head_dim",),
     ("gate", "kernel"): ("embed", "mlp"),
     ("up", "kernel"): ("embed", "mlp"),
     ("down", "kernel"): ("mlp", "embed"),
