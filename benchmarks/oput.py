@@ -28,7 +28,7 @@ from _common import emit
 
 from evals import checkpoints, quality, sampling
 from evals.config import SamplingConfig
-from trainer import data
+from trainer import checkpoint, data
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "dmax" / "trajectories-sample.jsonl"
 MODEL = ["model.hidden=128", "model.layers=4", "model.heads=4", "model.mlp_hidden=352", "model.max_seq_len=256",
@@ -88,13 +88,13 @@ def main() -> None:
         manifest = data.load_manifest(f"{tmp}/data")
         ids = data.special_ids(manifest)
         prompt = questions(f"{tmp}/data", args.samples)
-        reference = checkpoints.restore_params(checkpoints.reader(f"{tmp}/ar"), args.base_steps,
+        reference = checkpoints.restore_params(checkpoint.reader(f"{tmp}/ar"), args.base_steps,
                                                checkpoints.load_config(f"{tmp}/ar"))
         cfg = SamplingConfig(gen_length=64, block_length=32, steps=32, threshold=0.5, top_k=1)
         results = {}
         for name in ("base", "mdlm", "oput"):
             run_cfg = checkpoints.load_config(f"{tmp}/{name}")
-            mngr = checkpoints.reader(f"{tmp}/{name}")
+            mngr = checkpoint.reader(f"{tmp}/{name}")
             graphdef, params = checkpoints.restore_params(mngr, checkpoints.committed_steps(mngr)[-1], run_cfg)
             out = sampling.spd_generate_cached(graphdef, params, prompt, cfg, ids["mask"], ids["eos"],
                                                jax.random.key(0))

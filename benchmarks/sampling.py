@@ -23,7 +23,7 @@ import jax
 from _common import emit
 from evals import checkpoints, perplexity, quality, sampling
 from evals.config import SamplingConfig
-from trainer import data
+from trainer import checkpoint, data
 
 SAMPLERS = {"spd": sampling.spd_generate, "spd_cached": sampling.spd_generate_cached,
             "remask": sampling.remask_generate}
@@ -47,7 +47,7 @@ def make_runs(tmp: str, steps: int) -> tuple[str, str]:
 
 def latest(run_dir: str):
     cfg = checkpoints.load_config(run_dir)
-    mngr = checkpoints.reader(run_dir)
+    mngr = checkpoint.reader(run_dir)
     return cfg, checkpoints.restore_params(mngr, checkpoints.committed_steps(mngr)[-1], cfg)
 
 

@@ -17,10 +17,11 @@ def main(argv: list[str]) -> int:
     from evals import checkpoints, config, run
     from trainer.config import ConfigError
     from trainer.data import DataError
+    from trainer.hf import WeightsError
 
     try:
         evaluator = run.Evaluator(args.run_dir, config.load(args.config, args.overrides))
-    except (ConfigError, DataError, checkpoints.RunError) as e:
+    except (ConfigError, DataError, checkpoints.RunError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

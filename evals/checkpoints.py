@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from trainer import checkpoint, hf, train
 from trainer import config as config_lib
-from trainer import train
 
 
 class RunError(Exception):
@@ -26,12 +25,6 @@ def load_config(run_dir: str) -> config_lib.Config:
     return config_lib.load(str(path / "config.yaml"), [])
 
 
-def reader(run_dir: str) -> ocp.CheckpointManager:
-    directory = run_dir if "://" in run_dir else os.path.abspath(run_dir)
-    return ocp.CheckpointManager(epath.Path(directory) / "checkpoints",
-                                 options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-
-
 def committed_steps(mngr: ocp.CheckpointManager) -> list[int]:
     """Steps whose checkpoint is fully committed (orbax lists no temporary or unfinished step)."""
     mngr.reload()
@@ -41,9 +34,22 @@ def committed_steps(mngr: ocp.CheckpointManager) -> list[int]:
 def restore_params(mngr: ocp.CheckpointManager, step: int, cfg: config_lib.Config) -> tuple[Any, dict]:
     """(graphdef, params) of `step`, placed on this process's first device whatever mesh trained it."""
     tx, _ = train.make_optimizer(cfg.optim, cfg.train.steps)
-    graphdef = train.model_graphdef(cfg)
     abstract = jax.eval_shape(lambda: train.init_state(cfg, tx))
+    return train.model_graphdef(cfg), checkpoint.restore_params(mngr, step, abstract)
+
+
+def exported_step(run_dir: str) -> int | None:
+    """The training step of a `trainer.export` directory (None for a run directory)."""
+    path = epath.Path(run_dir)
+    if (path / "checkpoints").exists() or not (path / "config.json").exists():
+        return None
+    return int(hf.read_config(run_dir).get("diffusion_lm", {}).get("step", 0))
+
+
+def load_exported(run_dir: str, cfg: config_lib.Config) -> tuple[Any, dict]:
+    """(graphdef, params) from an exported directory's safetensors, on this process's first device."""
+    tx, _ = train.make_optimizer(cfg.optim, cfg.train.steps)
+    abstract = jax.eval_shape(lambda: train.init_state(cfg, tx))["params"]
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return graphdef, restored["state"]["params"]
+    params = hf.load(run_dir, cfg.model, abstract, jax.tree.map(lambda _: device, abstract))
+    return train.model_graphdef(cfg), params

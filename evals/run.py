@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 
 from evals import checkpoints, ledger, perplexity, quality, report, sampling
 from evals.config import EvalConfig
-from trainer import data, observe
+from trainer import checkpoint, data, observe
 
 SAMPLERS = {
     "spd": sampling.spd_generate,
@@ -31,7 +31,8 @@ class Evaluator:
         tokenizer_path = epath.Path(self.run_cfg.data.path) / self.manifest["tokenizer"]["file"]
         self.tokenizer = Tokenizer.from_str(tokenizer_path.read_text())
         self.ids = data.special_ids(self.manifest)
-        self.mngr = checkpoints.reader(run_dir)
+        self.exported = checkpoints.exported_step(run_dir)  # a trainer.export directory, not a run
+        self.mngr = None if self.exported is not None else checkpoint.reader(run_dir)
         self.ledger = ledger.Ledger(run_dir)
         self.reference = self._reference_model()
         self.wandb = observe.Wandb(run_dir, self.run_cfg.wandb.project, cfg.wandb_mode,
@@ -43,7 +44,7 @@ class Evaluator:
         ref_cfg = checkpoints.load_config(self.cfg.gen_ppl_run_dir)
         if ref_cfg.objective.name != "ar":
             raise checkpoints.RunError(f"gen_ppl_run_dir {self.cfg.gen_ppl_run_dir} is not an AR run")
-        mngr = checkpoints.reader(self.cfg.gen_ppl_run_dir)
+        mngr = checkpoint.reader(self.cfg.gen_ppl_run_dir)
         steps = checkpoints.committed_steps(mngr)
         if not steps:
             raise checkpoints.RunError(f"gen_ppl_run_dir {self.cfg.gen_ppl_run_dir} has no committed checkpoint")
@@ -51,22 +52,29 @@ class Evaluator:
 
     def pending(self) -> list[int]:
         done = self.ledger.steps()
-        return [s for s in checkpoints.committed_steps(self.mngr) if s not in done]
+        steps = [self.exported] if self.exported is not None else checkpoints.committed_steps(self.mngr)
+        return [s for s in steps if s not in done]
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
         start = time.perf_counter()
         try:
-            graphdef, params = checkpoints.restore_params(self.mngr, step, self.run_cfg)
+            if self.exported is not None:
+                graphdef, params = checkpoints.load_exported(self.run_dir, self.run_cfg)
+            else:
+                graphdef, params = checkpoints.restore_params(self.mngr, step, self.run_cfg)
         except Exception:
+            if self.exported is not None:
+                raise
             if step not in checkpoints.committed_steps(self.mngr):
                 print(f"warning: step {step} was deleted (keep-last cleanup) before it was evaluated; skipped")
                 return None
             raise
         restore_seconds = time.perf_counter() - start
         ppl = perplexity.evaluate(graphdef, params, self.run_cfg, self.manifest, self.cfg.perplexity)
+        source = self.run_dir if self.exported is not None else epath.Path(self.run_dir) / "checkpoints" / str(step)
         record: dict[str, Any] = {
             "step": step,
-            "checkpoint": str(epath.Path(self.run_dir) / "checkpoints" / str(step)),
+            "checkpoint": str(source),
             "objective": self.run_cfg.objective.name,
             "perplexity": ppl,
             "settings": dataclasses.asdict(self.cfg),

@@ -18,7 +18,7 @@ from evals import checkpoints, perplexity, sampling
 from evals.config import PerplexityConfig, SamplingConfig
 from tests.conftest import TINY_MODEL
 from trainer import config as config_lib
-from trainer import data, train
+from trainer import checkpoint, data, train
 from trainer.config import ModelConfig
 from trainer.model import Transformer
 
@@ -107,7 +107,7 @@ def trained_run(tiny_dataset, tmp_path_factory):
 def test_perplexity_bound_is_deterministic_and_equals_a_direct_computation(trained_run):
     run_cfg = checkpoints.load_config(str(trained_run))
     manifest = data.load_manifest(run_cfg.data.path)
-    graphdef, params = checkpoints.restore_params(checkpoints.reader(str(trained_run)), 20, run_cfg)
+    graphdef, params = checkpoints.restore_params(checkpoint.reader(str(trained_run)), 20, run_cfg)
     cfg = PerplexityConfig(max_tokens=600, time_samples=3, batch_size=2, seed=5)
     first = perplexity.evaluate(graphdef, params, run_cfg, manifest, cfg)
     assert first == perplexity.evaluate(graphdef, params, run_cfg, manifest, cfg)

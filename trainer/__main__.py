@@ -12,16 +12,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value, nested keys with dots (train.steps=100)")
     args = parser.parse_args(argv)
 
-    from trainer import checkpoint, data, train  # after argparse: --help stays instant
+    from trainer import checkpoint, data, hf, train  # after argparse: --help stays instant
     from trainer import config as config_lib
 
     try:
         cfg = config_lib.load(args.config, args.overrides)
+        if cfg.model.init_from:  # the architecture comes from its config.json, before validation
+            hf.resolve_model(cfg.model, cfg.model.init_from)
         import jax
 
         cfg.validate(num_devices=jax.device_count(), num_processes=jax.process_count())
         return train.run(cfg)
-    except (config_lib.ConfigError, data.DataError, checkpoint.TopologyError) as e:
+    except (config_lib.ConfigError, data.DataError, checkpoint.TopologyError, hf.WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except train.NonFiniteLoss as e:

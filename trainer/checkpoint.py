@@ -69,16 +69,29 @@ def params_of_run(run_dir: str, state: dict[str, Any]) -> dict[str, Any]:
     """The params of another run's latest committed checkpoint, placed like `state`'s params.
 
     The other run's optimizer must have the same structure (same optim config keys)."""
-    directory = run_dir if "://" in run_dir else os.path.abspath(run_dir)
-    reader = ocp.CheckpointManager(epath.Path(directory) / "checkpoints",
-                                   options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    step = reader.latest_step()
+    source = reader(run_dir)
+    step = source.latest_step()
     if step is None:
         raise TopologyError(f"train.init_from_run {run_dir} has no committed checkpoint")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
-        restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        restored = source.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     except (ValueError, KeyError) as e:
         raise TopologyError(f"train.init_from_run {run_dir} step {step} does not fit this model: "
                             f"{str(e).splitlines()[0]}") from None
+    return restored["state"]["params"]
+
+
+def reader(run_dir: str) -> ocp.CheckpointManager:
+    """A read-only view of a run's checkpoints (safe beside a live trainer)."""
+    directory = run_dir if "://" in run_dir else os.path.abspath(run_dir)
+    return ocp.CheckpointManager(epath.Path(directory) / "checkpoints",
+                                 options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+
+
+def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_state: dict[str, Any]) -> dict[str, Any]:
+    """The params of `step`, placed on this process's first device whatever mesh trained them."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     return restored["state"]["params"]

@@ -29,6 +29,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # output head shares the token embedding
     compute_dtype: str = "float32"  # float32 | bfloat16 (params stay float32)
     remat: bool = False  # recompute block activations in the backward pass
+    init_from: str = ""  # a Hugging Face Llama/Qwen3 directory to start from (architecture from its config.json)
 
 
 @dataclasses.dataclass

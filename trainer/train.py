@@ -20,7 +20,7 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from trainer import checkpoint, data, loss, observe, oput, sharding
+from trainer import checkpoint, data, hf, loss, observe, oput, sharding
 from trainer.config import Config, ObjectiveConfig, OptimConfig, dump, to_dict
 from trainer.model import Transformer, param_count, train_flops_per_token
 
@@ -145,6 +145,11 @@ def run(cfg: Config) -> int:
     manifest = data.load_manifest(cfg.data.path)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = manifest["tokenizer"]["vocab_size"]
+    if cfg.model.init_from:
+        weights_vocab = hf.resolve_model(cfg.model, cfg.model.init_from)
+        if cfg.model.vocab_size < weights_vocab:
+            raise hf.WeightsError(f"model.vocab_size {cfg.model.vocab_size} is smaller than vocab_size "
+                                  f"{weights_vocab} of {cfg.model.init_from}: use that model's tokenizer")
     data.check_dataset(cfg.data.path, manifest, cfg.model)
     mask_id = data.special_ids(manifest)["mask"]
     lead = jax.process_index() == 0  # logs, progress, wandb and config: process 0 only
@@ -165,6 +170,8 @@ def run(cfg: Config) -> int:
         state = restored
     elif cfg.train.init_from_run:
         state["params"] = checkpoint.params_of_run(cfg.train.init_from_run, state)
+    elif cfg.model.init_from:
+        state["params"] = hf.load(cfg.model.init_from, cfg.model, state["params"], shardings["params"])
     start = int(state["step"])
     train_step = make_train_step(model_graphdef(cfg), cfg, mask_id, tx, schedule, shardings, rows)
 
