@@ -55,20 +55,24 @@ class Evaluator:
         steps = [self.exported] if self.exported is not None else checkpoints.committed_steps(self.mngr)
         return [s for s in steps if s not in done]
 
+    def _model(self, step: int):
+        """(graphdef, params) of `step`, or None when keep-last cleanup deleted it meanwhile."""
+        if self.exported is not None:
+            return checkpoints.load_exported(self.run_dir, self.run_cfg)
+        try:
+            return checkpoints.restore_params(self.mngr, step, self.run_cfg)
+        except Exception:
+            if step in checkpoints.committed_steps(self.mngr):
+                raise
+            print(f"warning: step {step} was deleted (keep-last cleanup) before it was evaluated; skipped")
+            return None
+
     def evaluate(self, step: int) -> dict[str, Any] | None:
         start = time.perf_counter()
-        try:
-            if self.exported is not None:
-                graphdef, params = checkpoints.load_exported(self.run_dir, self.run_cfg)
-            else:
-                graphdef, params = checkpoints.restore_params(self.mngr, step, self.run_cfg)
-        except Exception:
-            if self.exported is not None:
-                raise
-            if step not in checkpoints.committed_steps(self.mngr):
-                print(f"warning: step {step} was deleted (keep-last cleanup) before it was evaluated; skipped")
-                return None
-            raise
+        model = self._model(step)
+        if model is None:
+            return None
+        graphdef, params = model
         restore_seconds = time.perf_counter() - start
         ppl = perplexity.evaluate(graphdef, params, self.run_cfg, self.manifest, self.cfg.perplexity)
         source = self.run_dir if self.exported is not None else epath.Path(self.run_dir) / "checkpoints" / str(step)
