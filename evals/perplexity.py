@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -12,7 +13,7 @@ from flax import nnx
 
 from evals.config import PerplexityConfig
 from trainer import data, loss
-from trainer.config import Config
+from trainer.config import Config, ObjectiveConfig
 
 
 def time_grid(samples: int, eps: float) -> np.ndarray:
@@ -20,11 +21,11 @@ def time_grid(samples: int, eps: float) -> np.ndarray:
     return eps + (1 - eps) * (np.arange(samples) + 0.5) / samples
 
 
-def evaluate(graphdef, params, run_cfg: Config, manifest: dict[str, Any], cfg: PerplexityConfig) -> dict[str, Any]:
-    """Sums NLL over validation rows until `max_tokens` real tokens (0 = all), every row at every
-    grid time with masks from a fixed seed; returns nats/token and its exponent."""
-    objective = run_cfg.objective
-    mask_id = data.special_ids(manifest)["mask"]
+_COMPILED: dict[tuple, Any] = {}
+
+
+def _compiled_loss(graphdef, mask_id: int, objective: ObjectiveConfig):
+    """The jitted scoring function of one model structure and objective."""
 
     @jax.jit
     def batch_loss(params, tokens, segments, positions, t, key):
@@ -34,6 +35,19 @@ def evaluate(graphdef, params, run_cfg: Config, manifest: dict[str, Any], cfg: P
             return loss.ar_loss(logits_fn, tokens, segments)
         t_B = jnp.full((tokens.shape[0],), t)
         return loss.mdlm_loss(logits_fn, tokens, segments, key, mask_id, objective, t_B=t_B)
+
+    return batch_loss
+
+
+def evaluate(graphdef, params, run_cfg: Config, manifest: dict[str, Any], cfg: PerplexityConfig) -> dict[str, Any]:
+    """Sums NLL over validation rows until `max_tokens` real tokens (0 = all), every row at every
+    grid time with masks from a fixed seed; returns nats/token and its exponent."""
+    objective = run_cfg.objective
+    mask_id = data.special_ids(manifest)["mask"]
+    key = (dataclasses.astuple(run_cfg.model), mask_id, dataclasses.astuple(objective))
+    if key not in _COMPILED:  # the model config fixes the graphdef: one compilation per run, not per step
+        _COMPILED[key] = _compiled_loss(graphdef, mask_id, objective)
+    batch_loss = _COMPILED[key]
 
     rows = data.packed_dataset(run_cfg, manifest, "validation", cfg.batch_size, shuffle=False, repeat=False)
     grid = [None] if objective.name == "ar" else time_grid(cfg.time_samples, objective.eps)
