@@ -1,9 +1,13 @@
-"""What every benchmark script shares: printing its JSON report and saving it with --out."""
+"""What every benchmark script shares: printing its JSON report and saving it with --out, and
+loading a run's latest checkpoint."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from evals import checkpoints
+from trainer import checkpoint
 
 
 def emit(report: dict[str, Any], out: str | None) -> None:
@@ -12,3 +16,10 @@ def emit(report: dict[str, Any], out: str | None) -> None:
     if out:
         with open(out, "w") as f:
             f.write(text + "\n")
+
+
+def latest(run_dir: str):
+    """(run config, (graphdef, params)) of the run's newest committed checkpoint."""
+    cfg = checkpoints.load_config(run_dir)
+    mngr = checkpoint.reader(run_dir)
+    return cfg, checkpoints.restore_params(mngr, checkpoints.committed_steps(mngr)[-1], cfg)

@@ -2,11 +2,15 @@
 
     python benchmarks/oput.py [--base_steps N] [--tune_steps M] [--out results.json]
 
-From one MDLM checkpoint trained on trajectory data, fine-tune two copies for the same
-number of steps: with OPUT, and with plain MDLM. Decode the validation questions with SPD
-(greedy, threshold 0.5, blocks of 32) and report forwards, tokens per forward and
-generative perplexity under an AR model trained on the same data. Data: the DMax-layout
-sample in ../shared/data/dmax when present, else generated arithmetic trajectories.
+From one MDLM checkpoint trained on trajectory data, fine-tune three copies for the same
+number of steps: with OPUT, with plain MDLM, and with OPUT's block diffusion without the
+on-policy rollout (`on_policy_ratio=0`, the ablation). Decode every validation question of
+the four models with SPD (greedy, threshold 0.5, blocks of 32) and with one-token-per-step
+remasking (the MDLM models only), and report tokens per forward, final-answer accuracy
+against the reference response, the share of answers in the response's shape, and
+generative perplexity under an AR model trained on the same data. Data: the
+DMax-layout sample in ../shared/data/dmax when present, else generated arithmetic
+trajectories.
 """
 
 from __future__ import annotations
@@ -14,21 +18,24 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import pathlib
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
 
 import jax
 import numpy as np
-from _common import emit
+from _common import emit, latest
+from tokenizers import Tokenizer
 
-from evals import checkpoints, quality, sampling
+from evals import quality, sampling
 from evals.config import SamplingConfig
-from trainer import checkpoint, data
+from trainer import data
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "dmax" / "trajectories-sample.jsonl"
 MODEL = ["model.hidden=128", "model.layers=4", "model.heads=4", "model.mlp_hidden=352", "model.max_seq_len=256",
@@ -56,64 +63,110 @@ def train(run_dir: str, *overrides: str) -> None:
                    capture_output=True)
 
 
-def questions(data_path: str, count: int) -> np.ndarray:
-    """Validation prompts of the most common prompt length (SPD decodes equal-length prompts)."""
-    manifest = data.load_manifest(data_path)
-    cfg_docs = list(data.documents(data_path, manifest, "validation"))
-    prompts = [d["tokens"][: int(d["prompt_len"])] for d in cfg_docs]
-    length = collections.Counter(len(p) for p in prompts).most_common(1)[0][0]
-    return np.stack([p for p in prompts if len(p) == length][:count]).astype(np.int32)
+ANSWER = re.compile(r"answer is\s*(-?\d+)")
+WELL_FORMED = re.compile(r"\S.*\nThe answer is -?\d+\.", re.DOTALL)  # the trajectories' response shape
+
+
+def questions(data_path: str, tokenizer: Tokenizer) -> dict[int, tuple[np.ndarray, list[str]]]:
+    """Validation prompts grouped by length (SPD decodes equal-length prompts), each group
+    with the reference answers ("" where the response states none)."""
+    groups = collections.defaultdict(list)
+    for doc in data.documents(data_path, data.load_manifest(data_path), "validation"):
+        prompt_len = int(doc["prompt_len"])
+        groups[prompt_len].append((doc["tokens"][:prompt_len], final_answer(tokenizer.decode(
+            doc["tokens"][prompt_len:].tolist()))))
+    return {length: (np.stack([p for p, _ in rows]).astype(np.int32), [a for _, a in rows])
+            for length, rows in sorted(groups.items())}
+
+
+def final_answer(text: str) -> str:
+    found = ANSWER.findall(text)
+    return found[-1] if found else ""
+
+
+def decode_all(generate, model, groups, cfg: SamplingConfig, ids, reference, tokenizer) -> dict:
+    """Every question decoded; each sequence is charged its batch's forwards (lockstep blocks)."""
+    tokens = charged = correct = well_formed = 0
+    nll = 0.0
+    texts = []
+    for prompt_len, (prompt, answers) in groups.items():
+        out = generate(*model, prompt, cfg, ids["mask"], ids["eos"], jax.random.key(0))
+        lengths = sampling.generated_lengths(out, prompt_len, ids["eos"])
+        ppl = quality.generative_perplexity(*reference, out.tokens, prompt_len, lengths)
+        nll += math.log(ppl) * lengths.sum()
+        tokens += int(lengths.sum())
+        charged += out.nfe * len(prompt)
+        for row, answer in zip(out.tokens, answers):
+            text = tokenizer.decode(row[prompt_len:].tolist())
+            correct += bool(answer) and final_answer(text) == answer
+            well_formed += bool(WELL_FORMED.fullmatch(text.strip()))
+            texts.append(text)
+    questions_count = sum(len(p) for p, _ in groups.values())
+    return {
+        "tokens_per_forward": round(tokens / charged, 3),
+        "mean_length": round(tokens / questions_count, 2),
+        "gen_ppl": round(math.exp(nll / tokens), 3),
+        "accuracy": round(correct / questions_count, 3),
+        "well_formed": round(well_formed / questions_count, 3),
+        "samples": texts[:2],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base_steps", type=int, default=400, help="MDLM steps of the shared start.")
     parser.add_argument("--tune_steps", type=int, default=150, help="Fine-tuning steps of each copy.")
-    parser.add_argument("--samples", type=int, default=8, help="Validation questions decoded.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of every training run (init, data, noise).")
+    parser.add_argument("--threshold", type=float, default=0.5, help="SPD confidence threshold.")
     parser.add_argument("--out", help="Also write the JSON here.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = trajectories(f"{tmp}/rows.jsonl")
         subprocess.run([sys.executable, "-m", "pipelines.preprocess", "--dataset", "dmax_trajectories",
-                        "--input", rows, "--output", f"{tmp}/data", "--vocab_size", "1024"], check=True,
-                       capture_output=True)
-        common = [f"data.path={tmp}/data"]
+                        "--input", rows, "--output", f"{tmp}/data", "--vocab_size", "1024",
+                        "--validation_fraction", "0.1"], check=True, capture_output=True)
+        common = [f"data.path={tmp}/data", f"seed={args.seed}"]
         train(f"{tmp}/base", *common, f"train.steps={args.base_steps}", f"train.checkpoint_every={args.base_steps}")
         train(f"{tmp}/ar", *common, "objective.name=ar", f"train.steps={args.base_steps}",
               f"train.checkpoint_every={args.base_steps}")
         tune = [*common, f"train.steps={args.tune_steps}", f"train.checkpoint_every={args.tune_steps}",
                 f"train.init_from_run={tmp}/base"]
         train(f"{tmp}/oput", *tune, "objective.name=oput")
+        train(f"{tmp}/block", *tune, "objective.name=oput", "objective.on_policy_ratio=0")
         train(f"{tmp}/mdlm", *tune)
         manifest = data.load_manifest(f"{tmp}/data")
         ids = data.special_ids(manifest)
-        prompt = questions(f"{tmp}/data", args.samples)
-        reference = checkpoints.restore_params(checkpoint.reader(f"{tmp}/ar"), args.base_steps,
-                                               checkpoints.load_config(f"{tmp}/ar"))
-        cfg = SamplingConfig(gen_length=64, block_length=32, steps=32, threshold=0.5, top_k=1)
+        tokenizer = Tokenizer.from_file(f"{tmp}/data/{manifest['tokenizer']['file']}")
+        groups = questions(f"{tmp}/data", tokenizer)
+        reference = latest(f"{tmp}/ar")[1]
+        cfg = SamplingConfig(gen_length=64, block_length=32, steps=32, threshold=args.threshold, top_k=1,
+                             remask_steps=64)
         results = {}
-        for name in ("base", "mdlm", "oput"):
-            run_cfg = checkpoints.load_config(f"{tmp}/{name}")
-            mngr = checkpoint.reader(f"{tmp}/{name}")
-            graphdef, params = checkpoints.restore_params(mngr, checkpoints.committed_steps(mngr)[-1], run_cfg)
-            out = sampling.spd_generate_cached(graphdef, params, prompt, cfg, ids["mask"], ids["eos"],
-                                               jax.random.key(0))
-            lengths = sampling.generated_lengths(out, prompt.shape[1], ids["eos"])
-            results[name] = {
-                "nfe": out.nfe,
-                "tokens_per_forward": round(float(lengths.mean() / out.nfe), 3),
-                "mean_length": float(lengths.mean()),
-                "gen_ppl": round(quality.generative_perplexity(*reference, out.tokens, prompt.shape[1], lengths), 3),
-            }
+        for name in ("base", "mdlm", "block", "oput"):
+            model = latest(f"{tmp}/{name}")[1]
+            # Remasking attends bidirectionally over the whole sequence: the MDLM models' training
+            # view, not the block-causal one of block diffusion, so it is their baseline only.
+            samplers = {"spd": sampling.spd_generate_cached}
+            if name in ("base", "mdlm"):
+                samplers["remask"] = sampling.remask_generate
+            results[name] = {sampler: decode_all(generate, model, groups, cfg, ids, reference, tokenizer)
+                             for sampler, generate in samplers.items()}
+    spd = {name: row["spd"] for name, row in results.items()}
     report = {
         "benchmark": "oput",
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, {jax.devices()[0].device_kind}",
         "data": "shared DMax sample" if SHARED.exists() else "generated arithmetic trajectories",
-        "base_steps": args.base_steps, "tune_steps": args.tune_steps, "spd": dict(threshold=0.5, block=32),
+        "seed": args.seed, "base_steps": args.base_steps, "tune_steps": args.tune_steps,
+        "questions": sum(len(p) for p, _ in groups.values()),
+        "spd": dict(threshold=args.threshold, block=32, top_k=1), "remask": dict(steps=64, block=32),
         "results": results,
-        "tokens_per_forward_oput_over_mdlm": round(results["oput"]["tokens_per_forward"]
-                                                   / results["mdlm"]["tokens_per_forward"], 3),
-        "gen_ppl_oput_over_mdlm": round(results["oput"]["gen_ppl"] / results["mdlm"]["gen_ppl"], 3),
+        "tokens_per_forward_oput_over_mdlm": round(spd["oput"]["tokens_per_forward"]
+                                                   / spd["mdlm"]["tokens_per_forward"], 3),
+        "gen_ppl_oput_over_mdlm": round(spd["oput"]["gen_ppl"] / spd["mdlm"]["gen_ppl"], 3),
+        "accuracy_oput_minus_mdlm": round(spd["oput"]["accuracy"] - spd["mdlm"]["accuracy"], 3),
+        "tokens_per_forward_oput_over_block": round(spd["oput"]["tokens_per_forward"]
+                                                    / spd["block"]["tokens_per_forward"], 3),
+        "gen_ppl_oput_over_block": round(spd["oput"]["gen_ppl"] / spd["block"]["gen_ppl"], 3),
     }
     emit(report, args.out)
 

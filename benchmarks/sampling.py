@@ -20,10 +20,10 @@ import tempfile
 
 import jax
 
-from _common import emit
-from evals import checkpoints, perplexity, quality, sampling
+from _common import emit, latest
+from evals import perplexity, quality, sampling
 from evals.config import SamplingConfig
-from trainer import checkpoint, data
+from trainer import data
 
 SAMPLERS = {"spd": sampling.spd_generate, "spd_cached": sampling.spd_generate_cached,
             "remask": sampling.remask_generate}
@@ -43,12 +43,6 @@ def make_runs(tmp: str, steps: int) -> tuple[str, str]:
                         f"objective.name={objective}", "wandb.mode=disabled"], check=True, capture_output=True)
         runs.append(run_dir)
     return runs[0], runs[1]
-
-
-def latest(run_dir: str):
-    cfg = checkpoints.load_config(run_dir)
-    mngr = checkpoint.reader(run_dir)
-    return cfg, checkpoints.restore_params(mngr, checkpoints.committed_steps(mngr)[-1], cfg)
 
 
 def main() -> None:
