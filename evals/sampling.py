@@ -10,7 +10,9 @@ Shapes: B batch, P prompt, T total (a multiple of the block), K block, V vocab, 
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -164,9 +166,29 @@ def _init(prompt_BP, total: int, mask_id: int):
     return tokens, zeros, zeros
 
 
+_PROGRAMS: dict[tuple, Callable] = {}
+
+
+def _program(build: Callable, graphdef, params, prompt_BP: np.ndarray, cfg: SamplingConfig, mask_id: int,
+             eos_id: int) -> Callable:
+    """`build(graphdef, prompt shape, cfg, mask_id, eos_id)`, made once per model structure and
+    settings: jit caches per function object, so rebuilding per checkpoint recompiled every time.
+    The model config fixes the graphdef (which itself is unhashable)."""
+    structure = dataclasses.astuple(nnx.merge(graphdef, params).cfg)
+    key = (build.__name__, structure, prompt_BP.shape, dataclasses.astuple(cfg), mask_id, eos_id)
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = build(graphdef, prompt_BP.shape, cfg, mask_id, eos_id)
+    return _PROGRAMS[key]
+
+
 def spd_generate(graphdef, params, prompt_BP: np.ndarray, cfg: SamplingConfig, mask_id: int, eos_id: int,
                  key: jax.Array) -> Samples:
-    prompt_len = prompt_BP.shape[1]
+    generate = _program(_spd_program, graphdef, params, prompt_BP, cfg, mask_id, eos_id)
+    return _timed(generate, params, jnp.asarray(prompt_BP), key, prompt_BP.shape[1], cfg)
+
+
+def _spd_program(graphdef, prompt_shape: tuple[int, int], cfg: SamplingConfig, mask_id: int, eos_id: int):
+    prompt_len = prompt_shape[1]
     total, first_block, num_blocks = _layout(prompt_len, cfg)
     width = cfg.block_length
 
@@ -202,17 +224,21 @@ def spd_generate(graphdef, params, prompt_BP: np.ndarray, cfg: SamplingConfig, m
                  jnp.int32(0))
         _, tokens, decoded_at, revisions, _, nfe = jax.lax.while_loop(cond, body, carry)
         tokens, _ = fill_after_eos(tokens, prompt_len, eos_id, total)
-        return tokens, decoded_at, revisions, nfe
+        return tokens, decoded_at, revisions, nfe, 0
 
-    return _timed(generate, params, jnp.asarray(prompt_BP), key, prompt_len, cfg, cache_forwards=0)
+    return generate
 
 
 def spd_generate_cached(graphdef, params, prompt_BP: np.ndarray, cfg: SamplingConfig, mask_id: int,
                         eos_id: int, key: jax.Array) -> Samples:
-    prompt_len = prompt_BP.shape[1]
+    generate = _program(_spd_cached_program, graphdef, params, prompt_BP, cfg, mask_id, eos_id)
+    return _timed(generate, params, jnp.asarray(prompt_BP), key, prompt_BP.shape[1], cfg)
+
+
+def _spd_cached_program(graphdef, prompt_shape: tuple[int, int], cfg: SamplingConfig, mask_id: int, eos_id: int):
+    batch, prompt_len = prompt_shape
     total, first_block, num_blocks = _layout(prompt_len, cfg)
     width = cfg.block_length
-    batch = prompt_BP.shape[0]
 
     def attend(model, inputs_BKD, start, caches):
         positions = jnp.broadcast_to(start + jnp.arange(inputs_BKD.shape[1]), inputs_BKD.shape[:2])
@@ -263,18 +289,21 @@ def spd_generate_cached(graphdef, params, prompt_BP: np.ndarray, cfg: SamplingCo
             caches = write_cache(params, tokens[:, start:start + width], jnp.int32(start), caches)
             forwards += 1
         tokens, _ = fill_after_eos(tokens, prompt_len, eos_id, total)
-        generate.cache_forwards = forwards
-        return tokens, decoded_at, revisions, nfe
+        return tokens, decoded_at, revisions, nfe, forwards
 
-    return _timed(generate, params, jnp.asarray(prompt_BP), key, prompt_len, cfg,
-                  cache_forwards=lambda: generate.cache_forwards)
+    return generate
 
 
 def remask_generate(graphdef, params, prompt_BP: np.ndarray, cfg: SamplingConfig, mask_id: int, eos_id: int,
                     key: jax.Array) -> Samples:
     """LLaDA's low-confidence remasking: semi-AR blocks, full bidirectional attention, a fixed
     number of tokens committed per step (the block's masks spread evenly over its steps)."""
-    prompt_len = prompt_BP.shape[1]
+    generate = _program(_remask_program, graphdef, params, prompt_BP, cfg, mask_id, eos_id)
+    return _timed(generate, params, jnp.asarray(prompt_BP), key, prompt_BP.shape[1], cfg)
+
+
+def _remask_program(graphdef, prompt_shape: tuple[int, int], cfg: SamplingConfig, mask_id: int, eos_id: int):
+    prompt_len = prompt_shape[1]
     width, num_blocks = cfg.block_length, cfg.gen_length // cfg.block_length
     steps = cfg.remask_steps or cfg.gen_length
     per_block = steps // num_blocks
@@ -315,21 +344,20 @@ def remask_generate(graphdef, params, prompt_BP: np.ndarray, cfg: SamplingConfig
         carry = (jnp.int32(0), tokens, decoded_at, jnp.zeros(batch, bool))
         nfe, tokens, decoded_at, _ = jax.lax.while_loop(cond, body, carry)
         tokens, _ = fill_after_eos(tokens, prompt_len, eos_id, total)
-        return tokens, decoded_at, revisions, nfe
+        return tokens, decoded_at, revisions, nfe, 0
 
-    return _timed(generate, params, jnp.asarray(prompt_BP), key, prompt_len, cfg, cache_forwards=0)
+    return generate
 
 
-def _timed(generate, params, prompt_BP, key, prompt_len, cfg, cache_forwards) -> Samples:
-    """Runs once to compile, then times a second run (the figure that counts)."""
+def _timed(generate, params, prompt_BP, key, prompt_len, cfg) -> Samples:
+    """Runs once to compile (first use of the program) or warm up, then times a second run."""
     jax.block_until_ready(generate(params, prompt_BP, key))
     start = time.perf_counter()
-    tokens, decoded_at, revisions, nfe = jax.block_until_ready(generate(params, prompt_BP, key))
+    tokens, decoded_at, revisions, nfe, cache_forwards = jax.block_until_ready(generate(params, prompt_BP, key))
     seconds = time.perf_counter() - start
     end = prompt_len + cfg.gen_length
-    extra = cache_forwards() if callable(cache_forwards) else cache_forwards
     return Samples(np.asarray(tokens)[:, :end], np.asarray(decoded_at)[:, :end], np.asarray(revisions)[:, :end],
-                   int(nfe), extra, seconds)
+                   int(nfe), int(cache_forwards), seconds)
 
 
 def generated_lengths(samples: Samples, prompt_len: int, eos_id: int) -> np.ndarray:

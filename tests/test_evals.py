@@ -92,6 +92,22 @@ def test_remasking_commits_one_token_per_step_within_blocks(random_model):
         assert row[5:13].max() < row[13:].min()  # block 1 is finished before block 2 starts
 
 
+@pytest.mark.parametrize("generate", [sampling.spd_generate, sampling.spd_generate_cached, sampling.remask_generate])
+def test_samplers_reuse_their_program_across_checkpoints_but_not_the_weights(random_model, generate):
+    cfg = SamplingConfig(gen_length=16, block_length=8, remask_steps=4)
+    graphdef, params = random_model
+    other = jax.tree.map(lambda x: x[::-1] if x.ndim == 2 else x, params)  # a new "checkpoint"
+    sampling._PROGRAMS.clear()
+    first = generate(graphdef, params, PROMPT, cfg, MASK, EOS, jax.random.key(0))
+    second = generate(graphdef, other, PROMPT, cfg, MASK, EOS, jax.random.key(0))
+    assert len(sampling._PROGRAMS) == 1  # one program, two weight sets
+    sampling._PROGRAMS.clear()
+    fresh = generate(graphdef, other, PROMPT, cfg, MASK, EOS, jax.random.key(0))
+    assert np.array_equal(second.tokens, fresh.tokens) and second.nfe == fresh.nfe
+    assert second.cache_forwards == fresh.cache_forwards
+    assert not np.array_equal(first.tokens, second.tokens)
+
+
 # --------------------------------------------------------------------------- a trained run
 
 
