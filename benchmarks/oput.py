@@ -1,6 +1,6 @@
 """Does OPUT make soft parallel decoding faster? The DMax claim, on a small model.
 
-    python benchmarks/oput.py [--base_steps N] [--tune_steps M] [--out results.json]
+    python benchmarks/oput.py [--base_steps N] [--tune_steps M] [--seed S] [--threshold T] [--out results.json]
 
 From one MDLM checkpoint trained on trajectory data, fine-tune three copies for the same
 number of steps: with OPUT, with plain MDLM, and with OPUT's block diffusion without the
