@@ -33,7 +33,7 @@ import numpy as np
 from _common import emit, latest
 from tokenizers import Tokenizer
 
-from evals import quality, sampling
+from evals import decoding, quality, sampling
 from evals.config import SamplingConfig
 from trainer import data
 
@@ -84,18 +84,18 @@ def final_answer(text: str) -> str:
     return found[-1] if found else ""
 
 
-def decode_all(generate, model, groups, cfg: SamplingConfig, ids, reference, tokenizer) -> dict:
-    """Every question decoded; each sequence is charged its batch's forwards (lockstep blocks)."""
+def decode_all(sampler: str, model, groups, cfg: SamplingConfig, ids, reference, tokenizer) -> dict:
+    """Every question decoded; each sequence is charged the forwards it needed (as if decoded alone)."""
     tokens = charged = correct = well_formed = 0
     nll = 0.0
     texts = []
     for prompt_len, (prompt, answers) in groups.items():
-        out = generate(*model, prompt, cfg, ids["mask"], ids["eos"], jax.random.key(0))
-        lengths = sampling.generated_lengths(out, prompt_len, ids["eos"])
+        out = sampling.generate(sampler, *model, prompt, cfg, ids["mask"], ids["eos"], jax.random.key(0))
+        lengths = decoding.generated_lengths(out, prompt_len, ids["eos"])
         ppl = quality.generative_perplexity(*reference, out.tokens, prompt_len, lengths)
         nll += math.log(ppl) * lengths.sum()
         tokens += int(lengths.sum())
-        charged += out.nfe * len(prompt)
+        charged += int(out.forwards.sum())
         for row, answer in zip(out.tokens, answers):
             text = tokenizer.decode(row[prompt_len:].tolist())
             correct += bool(answer) and final_answer(text) == answer
@@ -131,8 +131,9 @@ def main() -> None:
               f"train.checkpoint_every={args.base_steps}")
         tune = [*common, f"train.steps={args.tune_steps}", f"train.checkpoint_every={args.tune_steps}",
                 f"train.init_from_run={tmp}/base"]
-        train(f"{tmp}/oput", *tune, "objective.name=oput")
-        train(f"{tmp}/block", *tune, "objective.name=oput", "objective.on_policy_ratio=0")
+        oput = ["objective.name=oput", "objective.noise_range_low=0.75", "objective.noise_range_high=0.75"]
+        train(f"{tmp}/oput", *tune, *oput)
+        train(f"{tmp}/block", *tune, *oput, "objective.on_policy_ratio=0")
         train(f"{tmp}/mdlm", *tune)
         manifest = data.load_manifest(f"{tmp}/data")
         ids = data.special_ids(manifest)
@@ -146,11 +147,9 @@ def main() -> None:
             model = latest(f"{tmp}/{name}")[1]
             # Remasking attends bidirectionally over the whole sequence: the MDLM models' training
             # view, not the block-causal one of block diffusion, so it is their baseline only.
-            samplers = {"spd": sampling.spd_generate_cached}
-            if name in ("base", "mdlm"):
-                samplers["remask"] = sampling.remask_generate
-            results[name] = {sampler: decode_all(generate, model, groups, cfg, ids, reference, tokenizer)
-                             for sampler, generate in samplers.items()}
+            samplers = {"spd": "spd_cached", **({"remask": "remask"} if name in ("base", "mdlm") else {})}
+            results[name] = {label: decode_all(sampler, model, groups, cfg, ids, reference, tokenizer)
+                             for label, sampler in samplers.items()}
     spd = {name: row["spd"] for name, row in results.items()}
     report = {
         "benchmark": "oput",

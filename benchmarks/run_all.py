@@ -18,7 +18,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = {  # name: (script, full-size args, --quick args)
     "preprocess": ("preprocess.py", [], ["--stories", "10000"]),
     "train_step": ("train_step.py", [], ["--steps", "2"]),
-    "sampling": ("sampling.py", [], ["--train_steps", "200", "--samples", "2"]),
+    "decoding": ("decoding.py", [], ["--steps", "60", "--oput_steps", "20", "--prompts", "64", "--seeds", "2",
+                                     "--eval_prompts", "4"]),
+    "decoding_shared": ("decoding.py", ["--corpus", "shared", "--svg", "benchmarks/frontier_shared.svg"],
+                        ["--corpus", "shared", "--steps", "60", "--oput_steps", "20", "--prompts", "64",
+                         "--seeds", "2", "--eval_prompts", "4", "--svg", "benchmarks/frontier_shared.svg"]),
+    "quality": ("quality.py", [], ["--steps", "60"]),
     "oput": ("oput.py", [], ["--base_steps", "150", "--tune_steps", "60"]),
 }
 
@@ -42,7 +47,9 @@ def main() -> None:
             if result.returncode != 0:
                 summary["results"][name] = {"error": result.stderr.strip().splitlines()[-1:]}
                 continue
-            summary["results"][name] = json.load(open(out.name))
+            summary["results"][name] = {
+                "command": " ".join(["python", os.path.relpath(command[1], os.path.dirname(HERE)), *command[2:-2]]),
+                **json.load(open(out.name))}
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)
         f.write("\n")

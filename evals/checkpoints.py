@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from trainer import checkpoint, hf, train
+from trainer import checkpoint, data, hf, train
 from trainer import config as config_lib
 
 
@@ -23,6 +24,23 @@ def load_config(run_dir: str) -> config_lib.Config:
     if not (path / "config.yaml").exists():
         raise RunError(f"{run_dir} is not a trainer run directory (no config.yaml)")
     return config_lib.load(str(path / "config.yaml"), [])
+
+
+def eval_data(run_cfg: config_lib.Config, data_path: str) -> dict[str, Any]:
+    """The manifest of the data evals read (`data_path`, else the run's), with `run_cfg.data.path`
+    pointed at it; refuses another tokenizer than the run's and an empty validation split."""
+    path = data_path or run_cfg.data.path
+    manifest = data.load_manifest(path)
+    if data_path and data_path != run_cfg.data.path:
+        theirs = epath.Path(run_cfg.data.path) / "manifest.json"
+        if theirs.exists() and json.loads(theirs.read_text())["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
+            raise RunError(f"data_path {data_path} was tokenized with another tokenizer than the run's data "
+                           f"({run_cfg.data.path})")
+        run_cfg.data.path = path
+    if not manifest["splits"]["validation"]["num_records"]:
+        raise RunError(f"the validation split of {path} holds no records: evals score and prompt from it "
+                       f"(preprocess with a larger --validation_fraction, or set data_path)")
+    return manifest
 
 
 def committed_steps(mngr: ocp.CheckpointManager) -> list[int]:

@@ -19,12 +19,15 @@ class PerplexityConfig:
 class SamplingConfig:
     num_samples: int = 4  # prompts, taken from the validation split
     prompt_tokens: int = 16  # leading tokens of each validation document used as the prompt
-    gen_length: int = 64  # tokens generated after the prompt
-    block_length: int = 32  # semi-autoregressive block size
-    steps: int = 32  # SPD: passes per block at most
-    threshold: float = 0.9  # SPD: decode masked positions while their confidence is at least this
+    gen_length: int = 64  # tokens generated after the prompt (prompt + generation <= the run's data.seq_len)
+    block_length: int = 0  # decoding block size (0 = the run's objective.block_size for block diffusion, else 32)
+    steps: int = 32  # SPD and threshold: passes per block at most
+    threshold: float = 0.9  # SPD and threshold: decode masked positions whose confidence is at least this
     confidence_stop: float = 0.9  # SPD: a block ends once every position is this confident
     top_k: int = 1  # SPD: tokens mixed into a decoded position's soft embedding
+    # SPD: re-predict already decoded positions (yes | no | auto = yes only for models trained to
+    # predict every position, oput; SUBS models (mdlm, bd3lm) carry a decoded token over, as trained).
+    revise: str = "auto"
     temperature: float = 0.0  # 0 = greedy, else Gumbel-max sampling at this temperature
     suppress_mask: bool = True  # never predict the mask token
     remask_steps: int = 0  # remasking baseline: total steps (0 = gen_length, one token per step)
@@ -35,6 +38,10 @@ class SamplingConfig:
 class EvalConfig:
     perplexity: PerplexityConfig = dataclasses.field(default_factory=PerplexityConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    samplers: str = "auto"  # comma-separated sampler names, or auto = those matched to the run's objective
+    # A preprocess output (same tokenizer) whose validation split is scored and gives the prompts
+    # ("" = the run's data.path); an OPUT run on self-generated trajectories is scored on real text.
+    data_path: str = ""
     gen_ppl_run_dir: str = ""  # an AR run on the same data whose latest checkpoint scores samples
     poll_seconds: float = 10.0  # --watch: how often to look for new checkpoints
     wandb_mode: str = "offline"  # offline | online | disabled (WANDB_MODE overrides)
@@ -47,14 +54,13 @@ class EvalConfig:
             (p.max_tokens >= 0, "perplexity.max_tokens", "must be >= 0"),
             (s.num_samples >= 1, "sampling.num_samples", "must be at least 1"),
             (s.prompt_tokens >= 1, "sampling.prompt_tokens", "must be at least 1"),
-            (s.block_length >= 1, "sampling.block_length", "must be at least 1"),
-            (s.gen_length % s.block_length == 0, "sampling.gen_length",
-             f"must be a multiple of sampling.block_length={s.block_length}"),
+            (s.block_length >= 0, "sampling.block_length", "must be >= 0 (0 = the run's block size)"),
+            (s.gen_length >= 1, "sampling.gen_length", "must be at least 1"),
             (s.steps >= 1, "sampling.steps", "must be at least 1"),
             (s.top_k >= 1, "sampling.top_k", "must be at least 1"),
+            (s.revise in ("yes", "no", "auto"), "sampling.revise", "must be yes, no or auto"),
             (s.temperature >= 0, "sampling.temperature", "must be >= 0"),
-            (s.remask_steps == 0 or s.remask_steps % (s.gen_length // s.block_length) == 0,
-             "sampling.remask_steps", "must be 0 or a multiple of the number of blocks"),
+            (s.remask_steps >= 0, "sampling.remask_steps", "must be >= 0"),
             (self.poll_seconds > 0, "poll_seconds", "must be positive"),
             (self.wandb_mode in ("offline", "online", "disabled"), "wandb_mode",
              "must be offline, online or disabled"),

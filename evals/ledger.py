@@ -31,12 +31,13 @@ class Ledger:
         write_whole(self.path, "".join(json.dumps(r) + "\n" for r in [*records, record]))
 
 
-def write_whole(path: epath.Path, text: str) -> None:
-    """Replaces a file so that readers see the old or the new text, never a part: an object
+def write_whole(path: epath.Path, content: str | bytes) -> None:
+    """Replaces a file so that readers see the old or the new content, never a part: an object
     store publishes an object only once fully uploaded; a local file is renamed into place."""
+    write = "write_bytes" if isinstance(content, bytes) else "write_text"
     if "://" in str(path):
-        path.write_text(text)
+        getattr(path, write)(content)
         return
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    tmp.write_text(text)
+    getattr(tmp, write)(content)
     tmp.replace(path)

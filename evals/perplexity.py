@@ -1,4 +1,4 @@
-"""The validation perplexity bound (MDLM NELBO) or exact AR perplexity, deterministically."""
+"""The validation perplexity bound (the MDLM or BD3LM NELBO) or exact AR perplexity, deterministically."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 from flax import nnx
 
 from evals.config import PerplexityConfig
-from trainer import data, loss
-from trainer.config import Config, ObjectiveConfig
+from trainer import block_diffusion, data, loss
+from trainer.config import BLOCK_DIFFUSION, Config, ObjectiveConfig
 
 
 def time_grid(samples: int, eps: float) -> np.ndarray:
@@ -33,6 +33,9 @@ def _compiled_loss(graphdef, mask_id: int, objective: ObjectiveConfig):
         logits_fn = lambda toks, causal: model(toks, segments, positions, causal)  # noqa: E731
         if objective.name == "ar":
             return loss.ar_loss(logits_fn, tokens, segments)
+        if objective.name in BLOCK_DIFFUSION:  # each block conditioned on the clean earlier blocks
+            return block_diffusion.bd3lm_loss(model, tokens, segments, positions, key, mask_id, objective,
+                                              t_BL=jnp.full(tokens.shape, t))
         t_B = jnp.full((tokens.shape[0],), t)
         return loss.mdlm_loss(logits_fn, tokens, segments, key, mask_id, objective, t_B=t_B)
 
@@ -40,8 +43,9 @@ def _compiled_loss(graphdef, mask_id: int, objective: ObjectiveConfig):
 
 
 def evaluate(graphdef, params, run_cfg: Config, manifest: dict[str, Any], cfg: PerplexityConfig) -> dict[str, Any]:
-    """Sums NLL over validation rows until `max_tokens` real tokens (0 = all), every row at every
-    grid time with masks from a fixed seed; returns nats/token and its exponent."""
+    """Sums NLL over validation rows until `max_tokens` real tokens (0 = all), every row (every
+    block, for block diffusion) at every grid time with masks from a fixed seed; returns
+    nats/token and its exponent."""
     objective = run_cfg.objective
     mask_id = data.special_ids(manifest)["mask"]
     key = (dataclasses.astuple(run_cfg.model), mask_id, dataclasses.astuple(objective))
@@ -74,5 +78,6 @@ def prompts(run_cfg: Config, manifest: dict[str, Any], count: int, length: int) 
     docs = data.documents(run_cfg.data.path, manifest, "validation")
     chosen = [d["tokens"][:length] for d in itertools.islice((d for d in docs if len(d["tokens"]) >= length), count)]
     if len(chosen) < count:
-        raise ValueError(f"the validation split has only {len(chosen)} documents of {length}+ tokens")
+        raise data.DataError(f"the validation split of {run_cfg.data.path} has only {len(chosen)} documents of "
+                             f"{length}+ tokens: lower sampling.num_samples or sampling.prompt_tokens")
     return np.stack(chosen).astype(np.int32)

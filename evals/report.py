@@ -6,46 +6,82 @@ import html
 from typing import Any
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}
+body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f4f4f4}.sample{white-space:pre-wrap;background:#fafafa;border-left:3px solid #888;padding:6px}
-.tok{display:inline-block;margin:1px;padding:1px 3px;border-radius:3px;font-family:monospace}
+.tok{display:inline-block;margin:1px;padding:1px 3px;border-radius:3px;font-family:monospace;white-space:pre}
+.mismatched{color:#b00;font-weight:bold}
 """
+_COLOURS = ["#36c", "#d62", "#393", "#939", "#c93", "#099", "#666"]
 
 
-def _plot(points: list[tuple[int, float]], label: str) -> str:
+def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    return [lo + (hi - lo) * i / (count - 1) for i in range(count)]
+
+
+def plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str, lines: bool = True) -> str:
+    """An SVG chart of named (x, y) series with labelled axes, tick values and a legend; each
+    point's values are in its tooltip."""
+    points = [p for values in series.values() for p in values]
     if not points:
-        return "<p>No perplexity yet.</p>"
-    width, height, pad = 640, 240, 40
-    steps = [s for s, _ in points]
-    values = [v for _, v in points]
-    lo, hi = min(values), max(values)
-    span_s, span_v = max(max(steps) - min(steps), 1), max(hi - lo, 1e-9)
-    xy = [(pad + (s - min(steps)) / span_s * (width - 2 * pad), height - pad - (v - lo) / span_v * (height - 2 * pad))
-          for s, v in points]
-    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
-    dots = "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3"><title>step {s}: {v:.3f}</title></circle>'
-                   for (x, y), (s, v) in zip(xy, points))
-    return (f'<svg width="{width}" height="{height}" role="img" aria-label="{label} vs step">'
-            f'<polyline points="{line}" fill="none" stroke="#36c" stroke-width="2"/>{dots}'
-            f'<text x="{pad}" y="15">{label}: {hi:.2f} (max) to {lo:.2f} (min)</text>'
-            f'<text x="{pad}" y="{height - 10}">step {min(steps)}</text>'
-            f'<text x="{width - pad}" y="{height - 10}" text-anchor="end">step {max(steps)}</text></svg>')
+        return "<p>Nothing to plot yet.</p>"
+    width, height, left, right, top, bottom = 680, 300, 70, 150, 20, 50
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    x_lo, x_hi, y_lo, y_hi = min(xs), max(xs), min(ys), max(ys)
+    x_span, y_span = (x_hi - x_lo) or 1.0, (y_hi - y_lo) or 1.0
+    sx = lambda x: left + (x - x_lo) / x_span * (width - left - right)  # noqa: E731
+    sy = lambda y: height - bottom - (y - y_lo) / y_span * (height - top - bottom)  # noqa: E731
+    parts = [f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#444"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#444"/>']
+    for x in _ticks(x_lo, x_hi) if x_hi > x_lo else [x_lo]:
+        parts.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 16}" text-anchor="middle" font-size="11">'
+                     f'{x:.4g}</text>')
+    for y in _ticks(y_lo, y_hi) if y_hi > y_lo else [y_lo]:
+        parts.append(f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end" font-size="11">{y:.4g}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">'
+                 f'{html.escape(x_label)}</text>')
+    parts.append(f'<text x="14" y="{(top + height - bottom) / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {(top + height - bottom) / 2})">{html.escape(y_label)}</text>')
+    for i, (name, values) in enumerate(series.items()):
+        colour = _COLOURS[i % len(_COLOURS)]
+        xy = [(sx(x), sy(y)) for x, y in values]
+        if lines and len(xy) > 1:
+            parts.append(f'<polyline points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in xy)}" fill="none" '
+                         f'stroke="{colour}" stroke-width="2"/>')
+        parts += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="4" fill="{colour}"><title>{html.escape(name)}: '
+                  f'{x_label} {x:.4g}, {y_label} {y:.4g}</title></circle>' for (a, b), (x, y) in zip(xy, values)]
+        legend_y = top + 18 * i
+        parts.append(f'<rect x="{width - right + 12}" y="{legend_y}" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{width - right + 28}" y="{legend_y + 10}" font-size="12">{html.escape(name)}</text>')
+    return (f'<svg width="{width}" height="{height}" role="img" '
+            f'aria-label="{html.escape(y_label)} vs {html.escape(x_label)}">{"".join(parts)}</svg>')
 
 
-def _sampler_table(samplers: dict[str, dict[str, Any]]) -> str:
-    columns = ["nfe", "tokens_per_forward", "tokens_per_s", "mean_length", "gen_ppl", "distinct_2"]
-    head = "".join(f"<th>{c}</th>" for c in ["sampler", *columns])
-    rows = "".join(
-        "<tr><th>" + html.escape(name) + "</th>"
-        + "".join(f"<td>{_fmt(m.get(c))}</td>" for c in columns) + "</tr>"
-        for name, m in samplers.items())
-    return f"<table><tr>{head}</tr>{rows}</table>"
+_COLUMNS = ["tokens_per_forward", "forwards_per_sequence", "tokens_per_s", "mean_length", "gen_ppl",
+            "gen_ppl_vs_reference", "distinct_2", "agreement_with_spd_cached"]
+
+
+def _sampler_table(samplers: dict[str, dict[str, Any]], reference: str | None) -> str:
+    head = "".join(f"<th>{c}</th>" for c in ["sampler", "attention", *_COLUMNS])
+    rows = []
+    for name, m in samplers.items():
+        label = html.escape(name) + (" (quality reference)" if name == reference else "")
+        if m.get("matched") is False:
+            label += ' <span class="mismatched">mismatched</span>'
+        rows.append(f"<tr><th>{label}</th><td>{html.escape(str(m.get('attention', '-')))}</td>"
+                    + "".join(f"<td>{_fmt(m.get(c))}</td>" for c in _COLUMNS) + "</tr>")
+    note = ("<p>Per sequence, as if decoded alone: tokens per forward = generated tokens (to the first EOS) / "
+            "forwards the sequence needed, KV-cache writes included. gen_ppl: perplexity of the samples under "
+            "the AR judge; gen_ppl_vs_reference: its ratio to the one-token sampler's. A mismatched sampler "
+            "decodes with another attention than the model was trained with.</p>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>{note}"
 
 
 def _fmt(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return str(value)
     return f"{value:,.2f}" if isinstance(value, float) else f"{value:,}"
 
 
@@ -53,13 +89,14 @@ def _trace(trace: dict[str, Any]) -> str:
     """Each generated token coloured by the forward pass that first fixed it; revisions in the tooltip."""
     last = max(trace["decoded_at"]) or 1
     cells = []
-    for token, at, revised in zip(trace["tokens"], trace["decoded_at"], trace["revisions"]):
+    for piece, at, revised in zip(trace.get("pieces", trace.get("tokens", [])), trace["decoded_at"],
+                                  trace["revisions"]):
         if at == 0:
             style, title = "background:#ddd", "prompt"
         else:
             hue = int(240 * (1 - at / last))
             style, title = f"background:hsl({hue},70%,80%)", f"fixed at pass {at}, revised {revised}x"
-        cells.append(f'<span class="tok" style="{style}" title="{title}">{html.escape(token)}</span>')
+        cells.append(f'<span class="tok" style="{style}" title="{title}">{html.escape(piece)}</span>')
     return ("<p>Colour = the pass that first decoded the token (blue early, red late; grey = prompt); "
             "hover for the pass and how often a draft was revised.</p>" + "".join(cells))
 
@@ -69,15 +106,20 @@ def render(records: list[dict[str, Any]], run_dir: str) -> str:
     metric = "ppl_bound" if any("ppl_bound" in r["perplexity"] for r in records) else "ar_ppl"
     points = [(r["step"], r["perplexity"][metric]) for r in records if metric in r["perplexity"]]
     parts = [f"<h1>Evaluation of {html.escape(run_dir)}</h1>",
-             f"<h2>Validation {metric} vs step</h2>", _plot(points, metric)]
+             f"<h2>Validation {metric} vs step</h2>", plot({metric: points}, "training step", metric)]
     latest = records[-1] if records else None
     if latest and latest.get("samplers"):
-        parts += [f"<h2>Samplers at step {latest['step']}</h2>", _sampler_table(latest["samplers"])]
-        by_sampler = latest.get("samples_by_sampler") or {"spd": latest["samples"]}
-        for name, samples in by_sampler.items():
+        samplers = latest["samplers"]
+        parts += [f"<h2>Samplers at step {latest['step']}: speed and quality</h2>",
+                  _sampler_table(samplers, latest.get("quality_reference"))]
+        scored = {name: [(m["tokens_per_forward"], m["gen_ppl"])] for name, m in samplers.items() if "gen_ppl" in m}
+        if scored:
+            parts.append(plot(scored, "tokens per forward", "gen-ppl (AR judge)", lines=False))
+        for name, samples in latest.get("samples_by_sampler", {"spd": latest.get("samples", [])}).items():
             parts += [f"<h2>Latest samples: {html.escape(name)}</h2>",
                       *[f'<div class="sample">{html.escape(s)}</div>' for s in samples]]
         if latest.get("trace"):
-            parts += ["<h2>Draft and polish: one SPD sample, pass by pass</h2>", _trace(latest["trace"])]
+            traced = html.escape(latest["trace"].get("sampler", "spd"))
+            parts += [f"<h2>Draft and polish: one {traced} sample, pass by pass</h2>", _trace(latest["trace"])]
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>evals</title><style>{_STYLE}</style>"
             f"</head><body>{''.join(parts)}</body></html>")

@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 from etils import epath
 from tokenizers import Tokenizer
 
@@ -16,21 +15,19 @@ from evals import checkpoints, ledger, perplexity, quality, report, sampling
 from evals.config import EvalConfig
 from trainer import checkpoint, data, observe
 
-SAMPLERS = {
-    "spd": sampling.spd_generate,
-    "spd_cached": sampling.spd_generate_cached,
-    "remask": sampling.remask_generate,
-}
-
 
 class Evaluator:
     def __init__(self, run_dir: str, cfg: EvalConfig):
         self.run_dir, self.cfg = run_dir, cfg
         self.run_cfg = checkpoints.load_config(run_dir)
-        self.manifest = data.load_manifest(self.run_cfg.data.path)
+        self.samplers, cfg.sampling = sampling.plan(cfg.samplers, cfg.sampling, self.run_cfg)
+        self.manifest = checkpoints.eval_data(self.run_cfg, cfg.data_path)
         tokenizer_path = epath.Path(self.run_cfg.data.path) / self.manifest["tokenizer"]["file"]
         self.tokenizer = Tokenizer.from_str(tokenizer_path.read_text())
         self.ids = data.special_ids(self.manifest)
+        s = cfg.sampling
+        self.prompt = (perplexity.prompts(self.run_cfg, self.manifest, s.num_samples, s.prompt_tokens)
+                       if self.samplers else None)
         self.exported = checkpoints.exported_step(run_dir)  # a trainer.export directory, not a run
         self.mngr = None if self.exported is not None else checkpoint.reader(run_dir)
         self.ledger = ledger.Ledger(run_dir)
@@ -84,7 +81,7 @@ class Evaluator:
             "settings": dataclasses.asdict(self.cfg),
         }
         seconds = {"restore": restore_seconds, "perplexity": time.perf_counter() - start - restore_seconds}
-        if self.run_cfg.objective.name != "ar":
+        if self.samplers:
             record.update(self._sample(graphdef, params, seconds))
         seconds["total"] = time.perf_counter() - start
         record["wall_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
@@ -92,40 +89,38 @@ class Evaluator:
         return record
 
     def _sample(self, graphdef, params, seconds: dict[str, float]) -> dict[str, Any]:
-        s = self.cfg.sampling
-        prompt = perplexity.prompts(self.run_cfg, self.manifest, s.num_samples, s.prompt_tokens)
+        s, prompt = self.cfg.sampling, self.prompt
         eos, mask = self.ids["eos"], self.ids["mask"]
         samplers, outputs = {}, {}
-        for name, generate in SAMPLERS.items():
-            out = generate(graphdef, params, prompt, s, mask, eos, jax.random.key(s.seed))
-            lengths = sampling.generated_lengths(out, s.prompt_tokens, eos)
-            generated = [row[s.prompt_tokens:s.prompt_tokens + n] for row, n in zip(out.tokens, lengths)]
-            metrics = {
-                "nfe": out.nfe,
-                "cache_forwards": out.cache_forwards,
-                "tokens_per_forward": float(lengths.mean() / max(out.nfe, 1)),
-                "tokens_per_s": float(lengths.sum() / out.seconds),
-                "seconds": round(out.seconds, 4),
-                "mean_length": float(lengths.mean()),
-                **{f"distinct_{n}": quality.distinct_n(generated, n) for n in (1, 2, 3)},
-            }
-            if self.reference is not None:
-                metrics["gen_ppl"] = quality.generative_perplexity(*self.reference, out.tokens, s.prompt_tokens, lengths)
+        for name in self.samplers:
+            out = sampling.generate(name, graphdef, params, prompt, s, mask, eos, jax.random.key(s.seed))
+            metrics = {"matched": sampling.is_matched(name, self.run_cfg.objective.name),
+                       "attention": sampling.SAMPLERS[name].attention,
+                       **quality.sampler_metrics(out, s.prompt_tokens, eos, self.reference)}
             samplers[name], outputs[name] = metrics, out
             seconds[name] = out.seconds
-        spd = outputs["spd"]
-        # Equal by construction, but the two programs multiply matrices of different shapes, so a
-        # near-tie in a trained model can round differently: reported, not assumed.
-        samplers["spd"]["identical_to_cached"] = bool(np.array_equal(spd.tokens, outputs["spd_cached"].tokens))
+        if "spd" in outputs and "spd_cached" in outputs:
+            # Equal by construction, but the two programs multiply matrices of different shapes, so a
+            # near-tie in a trained model can round differently: measured, not assumed.
+            same = outputs["spd"].tokens[:, s.prompt_tokens:] == outputs["spd_cached"].tokens[:, s.prompt_tokens:]
+            samplers["spd"]["agreement_with_spd_cached"] = float(same.mean())
+        reference = next((n for n in outputs if sampling.is_one_token(n, s)), None)
+        if reference is not None and self.reference is not None:
+            for metrics in samplers.values():
+                metrics["gen_ppl_vs_reference"] = metrics["gen_ppl"] / samplers[reference]["gen_ppl"]
+        traced = next((n for n in ("spd_cached", "spd") if n in outputs), next(iter(outputs)))
+        shown = outputs[traced]
         return {
             "samplers": samplers,
-            "samples": [self.tokenizer.decode(row.tolist()) for row in spd.tokens],
+            "quality_reference": reference,
             "samples_by_sampler": {name: [self.tokenizer.decode(row.tolist()) for row in out.tokens]
                                    for name, out in outputs.items()},
+            "samples": [self.tokenizer.decode(row.tolist()) for row in shown.tokens],
             "trace": {
-                "tokens": [self.tokenizer.id_to_token(int(t)) or "" for t in spd.tokens[0]],
-                "decoded_at": spd.decoded_at[0].tolist(),
-                "revisions": spd.revisions[0].tolist(),
+                "sampler": traced,
+                "pieces": [self.tokenizer.decode([int(t)], skip_special_tokens=False) for t in shown.tokens[0]],
+                "decoded_at": shown.decoded_at[0].tolist(),
+                "revisions": shown.revisions[0].tolist(),
             },
         }
 
@@ -133,7 +128,7 @@ class Evaluator:
         self.ledger.append(result)
         flat = {f"eval/{k}": v for k, v in result["perplexity"].items()}
         for name, metrics in result.get("samplers", {}).items():
-            flat.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
+            flat.update({f"eval/{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         self.wandb.log(result["step"], flat)
         ledger.write_whole(self.ledger.directory / "report.html", report.render(self.ledger.records(), self.run_dir))
 
@@ -148,9 +143,9 @@ class Evaluator:
             count += 1
             ppl = result["perplexity"]
             figure = ppl.get("ppl_bound", ppl.get("ar_ppl"))
-            spd = result.get("samplers", {}).get("spd")
-            extra = f", SPD {spd['tokens_per_forward']:.2f} tokens/forward" if spd else ""
-            print(f"step {step}: ppl {figure:.3f}{extra} ({result['wall_seconds']['total']:.1f}s)", flush=True)
+            speeds = "".join(f", {name} {m['tokens_per_forward']:.2f} tokens/forward"
+                             for name, m in result.get("samplers", {}).items())
+            print(f"step {step}: ppl {figure:.3f}{speeds} ({result['wall_seconds']['total']:.1f}s)", flush=True)
         return count
 
     def watch(self) -> None:

@@ -30,6 +30,8 @@ class PreprocessConfig:
     max_bad_fraction: float = _knob(0.01, "Fail the job when more than this share of records is bad.")
     max_doc_chars: int = _knob(100_000, "Longer documents are dead-lettered as too_long.")
     text_field: str = _knob("text", "Field holding the text in JSON-lines, parquet and TFDS rows.")
+    prompt_suffix: str = _knob("\n", "Ends each trajectory prompt before tokenizing (dmax_trajectories): a newline "
+                               "starts the response on a fresh pre-token; '' keeps a text continuation seamless.")
     tfds_data_dir: str | None = _knob(None, "TFDS data_dir (local or gs://) holding the prepared dataset.")
     read_chunk_bytes: int = _knob(64 << 20, "Byte range one worker reads of a text or JSON-lines file.")
     overwrite: bool = _knob(False, "Replace a finished dataset already in --output.")

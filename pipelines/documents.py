@@ -104,11 +104,13 @@ def validate(
 ) -> Document | BadRecord:
     try:
         if dataset == "dmax_trajectories":
-            texts = _trajectory_texts(record.payload)
+            # A response keeps its leading white space: a continuation's first word (" there")
+            # tokenizes as it was generated, after a prompt that ends mid-text.
+            prompt, response = _trajectory_texts(record.payload)
+            texts = (prompt.strip(), response.rstrip())
         else:
-            texts = _story_text(record.payload, text_field)
-        texts = tuple(t.strip() for t in texts)
-        if any(not t for t in texts):
+            texts = tuple(t.strip() for t in _story_text(record.payload, text_field))
+        if any(not t.strip() for t in texts):
             raise _Reject("empty", "empty or whitespace-only text")
         length = sum(len(t) for t in texts)
         if length > max_doc_chars:

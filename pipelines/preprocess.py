@@ -36,7 +36,6 @@ from pipelines.manifest import ShardInfo
 from pipelines.sources import UserError
 
 NAMESPACE = "preprocess"
-PROMPT_SUFFIX = "\n"  # ends the prompt so the response starts on a fresh pre-token
 DEFAULT_LOCAL_RUNNER = "FnApiRunner"  # DirectRunner first tries Prism, a download
 _FAILURE = JOB_FAILURE_PREFIX
 
@@ -95,7 +94,7 @@ class Tokenize(beam.DoFn):
         eos = [self._ids.eos]
         docs = [doc for _, doc in batch]
         if self._config.dataset == "dmax_trajectories":
-            prompts = self._encode([d.texts[0] + PROMPT_SUFFIX for d in docs])
+            prompts = self._encode([d.texts[0] + self._config.prompt_suffix for d in docs])
             responses = self._encode([d.texts[1] for d in docs])
             fields = [[bos + p, r + eos] for p, r in zip(prompts, responses)]
         else:

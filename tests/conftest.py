@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
+
+# One XLA compilation cache for the session and every subprocess it starts: tests compile the same
+# programs (train steps, samplers) many times over; a cache hit returns the same executable.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="jax-cache-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 from pipelines import corpus
 from tests.gcs import GcsEmulator
@@ -51,6 +63,21 @@ def tiny_dataset(tmp_path_factory, story_file) -> pathlib.Path:
 TINY_MODEL = ["model.hidden=32", "model.layers=2", "model.heads=2", "model.mlp_hidden=64",
               "model.max_seq_len=64", "data.seq_len=64", "data.packing_bins=8", "train.global_batch=8",
               "optim.warmup_steps=5", "optim.lr=3e-3", "wandb.mode=disabled", "train.log_every=1"]
+
+
+@pytest.fixture(scope="session")
+def bd3lm_run(tiny_dataset, tmp_path_factory) -> pathlib.Path:
+    """A tiny block-diffusion run trained 40 steps (blocks of 8) on tiny_dataset: what training,
+    eval and trajectory tests read."""
+    from trainer import config as config_lib
+    from trainer import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "bd3lm"
+    cfg = config_lib.load(None, [f"data.path={tiny_dataset}", f"run_dir={run_dir}", *TINY_MODEL,
+                                 "objective.name=bd3lm", "objective.block_size=8", "train.steps=40",
+                                 "train.checkpoint_every=40"])
+    assert train.run(cfg) == 0
+    return run_dir
 
 
 @pytest.fixture

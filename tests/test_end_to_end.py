@@ -39,17 +39,32 @@ def check_outputs(read_text, list_dir, data_dir: str, run_dir: str, steps: list[
 
 def test_readme_first_command_end_to_end(tmp_path):
     run = tmp_path / "quickstart"
-    env = {**os.environ, "RUN": str(run), "STORIES": "400", "STEPS": "40", "PYTHON": sys.executable,
-           "TRAIN_ARGS": SMALL_MODEL + " optim.warmup_steps=5", "EVAL_ARGS": SMALL_EVAL, "WANDB_MODE": "offline"}
+    env = {**os.environ, "RUN": str(run), "STORIES": "400", "BASE_STEPS": "40", "JUDGE_STEPS": "20", "PROMPTS": "24",
+           "OPUT_STEPS": "10", "TRAJ_VALIDATION": "0", "PYTHON": sys.executable,
+           "TRAIN_ARGS": SMALL_MODEL + " optim.warmup_steps=5",
+           "TRAJ_ARGS": "keep_unfinished=true sampling.gen_length=24 batch_size=8 rows_per_part=16",
+           "EVAL_ARGS": SMALL_EVAL, "WANDB_MODE": "offline"}
     result = subprocess.run(["bash", str(ROOT / "quickstart.sh")], env=env, capture_output=True, text=True,
-                            timeout=1200)
+                            timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("1/4", "2/4", "3/4", "4/4"):
-        assert f"== {stage}" in result.stdout
-    assert f"open {run}/train/evals/report.html" in result.stdout
-    check_outputs(lambda p: pathlib.Path(p).read_text(), os.listdir, f"{run}/data", f"{run}/train",
-                  [10, 20, 30, 40])
-    assert list((run / "train" / "wandb").glob("offline-run-*"))  # offline wandb logging happened
+    for stage in range(1, 4):
+        assert f"== {stage}/3" in result.stdout
+    for stage in range(1, 7):
+        assert f"== recipe {stage}/6" in result.stdout
+    assert f"open {run}/oput/evals/report.html" in result.stdout
+    check_outputs(lambda p: pathlib.Path(p).read_text(), os.listdir, f"{run}/data", f"{run}/base", [20, 40])
+    assert list((run / "base" / "wandb").glob("offline-run-*"))  # offline wandb logging happened
+    base = json.loads((run / "base" / "evals" / "ledger.jsonl").read_text().splitlines()[-1])
+    assert base["objective"] == "bd3lm" and base["quality_reference"] == "one_token"
+    assert list(base["samplers"]) == ["one_token", "threshold", "spd", "spd_cached"]
+    assert all(np.isfinite(m["gen_ppl"]) and m["matched"] for m in base["samplers"].values())
+    sidecar = json.loads((run / "trajectories" / "trajectories.json").read_text())
+    assert sidecar["model"]["step"] == 40 and sidecar["rows"] == 24
+    oput = [json.loads(line) for line in (run / "oput" / "evals" / "ledger.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in oput] == [5, 10] and oput[-1]["objective"] == "oput"
+    assert oput[-1]["settings"]["sampling"]["revise"] == "yes"  # OPUT models revise their drafts
+    assert oput[-1]["samples"][0].split()[:3] == base["samples"][0].split()[:3]  # the same prompts
+    assert (run / "oput" / "evals" / "report.html").exists()
 
 
 def test_end_to_end_on_gcs(gcs_emulator, story_file):

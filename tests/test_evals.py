@@ -3,6 +3,7 @@ deterministic, the ledger is idempotent, and a watcher keeps up with a live trai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,11 +15,12 @@ import pytest
 from flax import nnx
 
 from evals import __main__ as cli
-from evals import checkpoints, perplexity, sampling
+from evals import block_causal, checkpoints, decoding, perplexity, sampling
+from evals import config as eval_config
 from evals.config import PerplexityConfig, SamplingConfig
 from tests.conftest import TINY_MODEL
-from trainer import config as config_lib
 from trainer import checkpoint, data, train
+from trainer import config as config_lib
 from trainer.config import ModelConfig
 from trainer.model import Transformer
 
@@ -41,71 +43,127 @@ SETTINGS = [
     dict(gen_length=20, block_length=4, threshold=0.02, confidence_stop=0.05),
     dict(gen_length=32, block_length=8, temperature=1.0, top_k=3, threshold=0.1),
     dict(gen_length=24, block_length=8, steps=3, suppress_mask=False),
+    dict(gen_length=21, block_length=8, threshold=0.05),  # the last block is cut at prompt + generation
 ]
 
 
-@pytest.mark.parametrize("settings", SETTINGS)
-@pytest.mark.parametrize("eos", [EOS, -1])
-def test_spd_cached_and_uncached_give_identical_tokens(random_model, settings, eos):
+def run_program(build, model, cfg, eos=EOS, prompt=PROMPT, key=1):
+    return decoding.timed(decoding.program(build, *model, prompt.shape, cfg, MASK, eos), model[1], prompt,
+                          jax.random.key(key), cfg)
+
+
+@pytest.mark.parametrize("rule,settings,eos", [(block_causal.SPD, s, (EOS, -1)[i % 2]) for i, s in enumerate(SETTINGS)]
+                         + [(block_causal.THRESHOLD, SETTINGS[2], EOS), (block_causal.THRESHOLD, SETTINGS[5], -1)])
+def test_cached_and_uncached_programs_give_identical_tokens(random_model, settings, eos, rule):
     cfg = SamplingConfig(**settings)
-    plain = sampling.spd_generate(*random_model, PROMPT, cfg, MASK, eos, jax.random.key(1))
-    cached = sampling.spd_generate_cached(*random_model, PROMPT, cfg, MASK, eos, jax.random.key(1))
+    plain = run_program(block_causal.uncached(rule), random_model, cfg, eos)
+    cached = run_program(block_causal.cached(rule), random_model, cfg, eos)
     assert np.array_equal(plain.tokens, cached.tokens)
-    assert np.array_equal(plain.decoded_at, cached.decoded_at) and plain.nfe == cached.nfe
+    assert np.array_equal(plain.decoded_at, cached.decoded_at)
+    # Cache writes ride along with the next block's first pass: no extra forwards.
+    assert np.array_equal(plain.forwards, cached.forwards) and plain.batch_forwards == cached.batch_forwards
     assert plain.tokens.shape == (3, 5 + cfg.gen_length)
     assert (plain.tokens[:, :5] == PROMPT).all()
     if settings.get("suppress_mask", True):
         assert not (plain.tokens == MASK).any()
 
 
-def test_threshold_above_one_decodes_one_position_per_pass_leftmost_first(random_model):
+def test_spd_with_threshold_above_one_decodes_one_position_per_pass_leftmost_first(random_model):
     cfg = SamplingConfig(gen_length=24, block_length=8, steps=8, threshold=1.5)
-    out = sampling.spd_generate(*random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    out = sampling.generate("spd", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
     for row in out.decoded_at:
         generated = row[5:]
         assert len(set(generated.tolist())) == len(generated)  # one position per pass
         for block_start in range(8, 32, 8):  # blocks at absolute positions; the first is partial
             block = row[max(block_start - 8, 5):block_start]
             assert (np.diff(block) > 0).all()  # leftmost first
-    assert out.nfe >= 24  # every block takes at least as many passes as it has masks
-    assert np.array_equal(out.tokens, sampling.spd_generate_cached(
-        *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0)).tokens)
+    assert (out.forwards >= 24).all()  # every block takes at least as many passes as it has masks
+
+
+def test_one_token_commits_exactly_one_token_per_decoding_forward(random_model):
+    cfg = SamplingConfig(gen_length=24, block_length=8, threshold=0.01)  # one_token ignores the threshold
+    out = sampling.generate("one_token", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    for row in out.decoded_at:
+        assert sorted(row[5:].tolist()) == list(range(1, 25))  # one position per pass, none revised
+    assert (out.forwards == 24).all() and out.batch_forwards == 24  # cache writes ride along with passes
+    fast = sampling.generate("threshold", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    assert (fast.forwards < out.forwards).all()  # a low threshold commits several tokens per pass
+
+
+def test_a_sequence_is_charged_only_the_passes_it_needed(random_model):
+    cfg = SamplingConfig(gen_length=32, block_length=8, threshold=0.05)
+    together = sampling.generate("spd_cached", *random_model, PROMPT, cfg, MASK, EOS, jax.random.key(0))
+    alone = [sampling.generate("spd_cached", *random_model, PROMPT[i:i + 1], cfg, MASK, EOS, jax.random.key(0))
+             for i in range(len(PROMPT))]
+    assert together.forwards.tolist() == [a.batch_forwards for a in alone]
+    assert len(set(together.forwards.tolist())) > 1  # they differ: the batch ran as many as the slowest
+    assert together.batch_forwards >= together.forwards.max() > together.forwards.min()
 
 
 def test_generation_stops_after_eos_and_fills_it(random_model):
     cfg = SamplingConfig(gen_length=32, block_length=8)
-    out = sampling.spd_generate(*random_model, PROMPT, cfg, MASK, EOS, jax.random.key(0))
+    out = sampling.generate("spd", *random_model, PROMPT, cfg, MASK, EOS, jax.random.key(0))
     for row in out.tokens[:, 5:]:
         hits = np.flatnonzero(row == EOS)
         if len(hits):
             assert (row[hits[0]:] == EOS).all()
-    lengths = sampling.generated_lengths(out, 5, EOS)
+    lengths = decoding.generated_lengths(out, 5, EOS)
     assert ((lengths >= 1) & (lengths <= 32)).all()
 
 
 def test_remasking_commits_one_token_per_step_within_blocks(random_model):
     cfg = SamplingConfig(gen_length=16, block_length=8)  # remask_steps 0 = one token per step
-    out = sampling.remask_generate(*random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
-    assert out.nfe == 16
+    out = sampling.generate("remask", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    assert out.batch_forwards == 16 and (out.forwards == 16).all()
     for row in out.decoded_at:
         assert sorted(row[5:].tolist()) == list(range(1, 17))
         assert row[5:13].max() < row[13:].min()  # block 1 is finished before block 2 starts
 
 
-@pytest.mark.parametrize("generate", [sampling.spd_generate, sampling.spd_generate_cached, sampling.remask_generate])
-def test_samplers_reuse_their_program_across_checkpoints_but_not_the_weights(random_model, generate):
+def test_full_attention_threshold_commits_confident_tokens_within_blocks(random_model):
+    cfg = SamplingConfig(gen_length=16, block_length=8, threshold=0.05)
+    out = sampling.generate("threshold_full", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    assert (out.forwards < 16).all() and out.batch_forwards >= out.forwards.max()
+    for row in out.decoded_at:
+        assert row[5:13].max() < row[13:].min()
+    strict = sampling.generate("threshold_full", *random_model, PROMPT, dataclasses.replace(cfg, threshold=2.0),
+                               MASK, -1, jax.random.key(0))
+    one = sampling.generate("remask", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    assert np.array_equal(strict.tokens, one.tokens)  # above 1: the most confident token only, like remasking
+
+
+@pytest.mark.parametrize("name", ["spd", "threshold", "remask"])  # one of each program kind
+def test_samplers_reuse_their_program_across_checkpoints_but_not_the_weights(random_model, name):
     cfg = SamplingConfig(gen_length=16, block_length=8, remask_steps=4)
     graphdef, params = random_model
     other = jax.tree.map(lambda x: x[::-1] if x.ndim == 2 else x, params)  # a new "checkpoint"
-    sampling._PROGRAMS.clear()
-    first = generate(graphdef, params, PROMPT, cfg, MASK, EOS, jax.random.key(0))
-    second = generate(graphdef, other, PROMPT, cfg, MASK, EOS, jax.random.key(0))
-    assert len(sampling._PROGRAMS) == 1  # one program, two weight sets
-    sampling._PROGRAMS.clear()
-    fresh = generate(graphdef, other, PROMPT, cfg, MASK, EOS, jax.random.key(0))
-    assert np.array_equal(second.tokens, fresh.tokens) and second.nfe == fresh.nfe
-    assert second.cache_forwards == fresh.cache_forwards
+    decoding._PROGRAMS.clear()
+    first = sampling.generate(name, graphdef, params, PROMPT, cfg, MASK, EOS, jax.random.key(0))
+    second = sampling.generate(name, graphdef, other, PROMPT, cfg, MASK, EOS, jax.random.key(0))
+    assert len(decoding._PROGRAMS) == 1  # one program, two weight sets
+    decoding._PROGRAMS.clear()
+    fresh = sampling.generate(name, graphdef, other, PROMPT, cfg, MASK, EOS, jax.random.key(0))
+    assert np.array_equal(second.tokens, fresh.tokens) and np.array_equal(second.forwards, fresh.forwards)
     assert not np.array_equal(first.tokens, second.tokens)
+
+
+def test_samplers_follow_the_objective_and_refuse_impossible_settings(tiny_dataset, tmp_path):
+    run = config_lib.load(None, [f"data.path={tiny_dataset}", f"run_dir={tmp_path}", *TINY_MODEL,
+                                 "objective.block_size=16"])
+    cfg = SamplingConfig(gen_length=32, prompt_tokens=8)
+    names, resolved = sampling.plan("auto", cfg, run)
+    assert names == ["remask", "threshold_full"] and resolved.block_length == 32  # MDLM: full attention
+    run.objective.name = "bd3lm"
+    names, resolved = sampling.plan("auto", cfg, run)
+    assert names == ["one_token", "threshold", "spd", "spd_cached"] and resolved.block_length == 16
+    assert sampling.plan("remask,spd", cfg, run)[0] == ["remask", "spd"]
+    assert not sampling.is_matched("remask", "bd3lm") and sampling.is_matched("spd", "oput")
+    with pytest.raises(config_lib.ConfigError, match="unknown"):
+        sampling.plan("spd,nope", cfg, run)
+    with pytest.raises(config_lib.ConfigError, match="trained on"):
+        sampling.plan("auto", dataclasses.replace(cfg, gen_length=60), run)  # 8 + 60 > data.seq_len 64
+    with pytest.raises(config_lib.ConfigError, match="multiple of sampling.block_length"):
+        sampling.plan("remask", dataclasses.replace(cfg, gen_length=24), run)
 
 
 # --------------------------------------------------------------------------- a trained run
@@ -164,8 +222,8 @@ def test_once_fills_the_ledger_idempotently_and_writes_the_report(trained_run, c
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records] == [10, 20]
     latest = records[-1]
-    assert {"spd", "spd_cached", "remask"} == set(latest["samplers"])
-    assert latest["samplers"]["spd"]["identical_to_cached"] is True
+    assert list(latest["samplers"]) == ["remask", "threshold_full"]  # MDLM: the full-attention samplers
+    assert all(m["matched"] and m["attention"] == "full" for m in latest["samplers"].values())
     assert latest["samplers"]["remask"]["tokens_per_forward"] <= 1.0
     assert np.isfinite(latest["perplexity"]["ppl_bound"]) and len(latest["samples"]) == 2
     assert all(isinstance(s, str) and s for s in latest["samples"])
@@ -175,7 +233,8 @@ def test_once_fills_the_ledger_idempotently_and_writes_the_report(trained_run, c
     assert "every committed checkpoint is evaluated (2)" in capsys.readouterr().out
     assert ledger.read_text().splitlines() == lines  # never twice, never lost
     page = (trained_run / "evals" / "report.html").read_text()
-    assert "<svg" in page and "spd_cached" in page and "Draft and polish" in page
+    assert "<svg" in page and "threshold_full" in page and "Draft and polish" in page
+    assert "training step" in page and "mismatched<" not in page
     assert "http://" not in page and "https://" not in page  # self-contained
 
 
@@ -239,14 +298,55 @@ def test_gen_ppl_uses_an_ar_reference_run(trained_run, tiny_dataset, tmp_path):
 def test_a_step_deleted_before_its_turn_is_skipped_with_a_warning(trained_run, tmp_path, capsys):
     import shutil
 
-    from evals.config import EvalConfig
     from evals.run import Evaluator
 
     copy = tmp_path / "run"
     shutil.copytree(trained_run, copy)
     shutil.rmtree(copy / "evals", ignore_errors=True)
-    evaluator = Evaluator(str(copy), EvalConfig())
+    evaluator = Evaluator(str(copy), eval_config.load(None, EVAL_SMALL))
     assert evaluator.pending() == [10, 20]
     shutil.rmtree(copy / "checkpoints" / "10")  # keep-last cleanup, between listing and restoring
     assert evaluator.evaluate(10) is None
     assert "step 10 was deleted" in capsys.readouterr().out
+
+
+def test_a_bd3lm_checkpoint_decodes_block_causally_and_is_charged_what_it_ran(bd3lm_run):
+    run_cfg = checkpoints.load_config(str(bd3lm_run))
+    manifest = data.load_manifest(run_cfg.data.path)
+    ids = data.special_ids(manifest)
+    model = checkpoints.restore_params(checkpoint.reader(str(bd3lm_run)), 40, run_cfg)
+    prompt = perplexity.prompts(run_cfg, manifest, 3, 6)
+    cfg = SamplingConfig(gen_length=40, block_length=8, threshold=0.1)
+    for name in ("spd_cached", "threshold_full"):  # one block-causal, one full-attention program
+        out = sampling.generate(name, *model, prompt, cfg, ids["mask"], ids["eos"], jax.random.key(0))
+        assert out.tokens.shape == (3, 46) and not (out.tokens == ids["mask"]).any()  # ran to completion
+        alone = [sampling.generate(name, *model, prompt[i:i + 1], cfg, ids["mask"], ids["eos"], jax.random.key(0))
+                 for i in range(3)]
+        # Each sequence's reported forwards are the forwards a decode of that sequence alone ran.
+        assert out.forwards.tolist() == [a.batch_forwards for a in alone], name
+        assert np.array_equal(out.tokens, np.concatenate([a.tokens for a in alone])), name
+        assert (out.forwards <= out.batch_forwards).all()
+
+
+def test_once_on_a_bd3lm_run_uses_the_block_causal_samplers_and_its_bound(bd3lm_run, capsys):
+    assert cli.main(["--run_dir", str(bd3lm_run), "--once", *EVAL_SMALL, "samplers=auto",
+                     "sampling.block_length=0"]) == 0
+    record = json.loads((bd3lm_run / "evals" / "ledger.jsonl").read_text().splitlines()[-1])
+    assert list(record["samplers"]) == ["one_token", "threshold", "spd", "spd_cached"]
+    assert record["settings"]["sampling"]["block_length"] == 8  # the run's objective.block_size
+    assert 0 <= record["samplers"]["spd"]["agreement_with_spd_cached"] <= 1
+    assert record["quality_reference"] == "one_token"
+    assert np.isfinite(record["perplexity"]["ppl_bound"]) and record["perplexity"]["ppl_bound"] > 1
+    pieces = record["trace"]["pieces"]  # decoded text pieces, not byte-level BPE markers
+    assert "".join(p for p in pieces if not p.startswith("<|")) == record["samples"][0]
+    assert "Ġ" not in "".join(pieces)
+    capsys.readouterr()
+    import shutil
+
+    shutil.rmtree(bd3lm_run / "evals")
+    assert cli.main(["--run_dir", str(bd3lm_run), "--once", *EVAL_SMALL, "samplers=one_token,remask"]) == 0
+    record = json.loads((bd3lm_run / "evals" / "ledger.jsonl").read_text().splitlines()[-1])
+    assert record["samplers"]["one_token"]["matched"] and not record["samplers"]["remask"]["matched"]
+    assert "mismatched<" in (bd3lm_run / "evals" / "report.html").read_text()
+    assert cli.main(["--run_dir", str(bd3lm_run), "--once", *EVAL_SMALL, "samplers=spd,bogus"]) == 2
+    assert "unknown ['bogus']" in capsys.readouterr().err

@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 
 from tests.conftest import TINY_MODEL
+from trainer import block_diffusion, data, oput, train
 from trainer import config as config_lib
-from trainer import data, oput, train
 from trainer.config import ModelConfig, ObjectiveConfig
 from trainer.model import Transformer
 
@@ -38,7 +38,9 @@ def slow_mask(length: int, block: int) -> np.ndarray:
 
 @pytest.mark.parametrize("length,block", [(8, 2), (12, 4), (16, 16), (6, 1)])
 def test_two_stream_mask_is_exact(length, block):
-    assert np.array_equal(np.asarray(oput.two_stream_mask(length, block))[0, 0], slow_mask(length, block))
+    positions = jnp.arange(length)[None]
+    mask = block_diffusion.two_stream_mask(positions, jnp.ones_like(positions), block)
+    assert np.array_equal(np.asarray(mask)[0, 0], slow_mask(length, block))
 
 
 class FixedLogits:
@@ -51,9 +53,10 @@ class FixedLogits:
     def embed(self, tokens):
         return tokens[..., None].astype(jnp.float32)
 
-    def forward(self, inputs, positions, mask):
+    def forward(self, inputs, positions, mask, logits_for=None):
         length = self.table.shape[1]
-        return jnp.concatenate([self.table + 0.0 * inputs[:, :length], jnp.zeros_like(self.table)], axis=1), None
+        logits = jnp.concatenate([self.table + 0.0 * inputs[:, :length], jnp.zeros_like(self.table)], axis=1)
+        return logits[:, :logits_for], None
 
 
 def _batch(tokens, prompt_len, loss_mask):
@@ -104,7 +107,8 @@ def test_on_policy_ratio_zero_is_plain_block_diffusion_on_the_same_noise():
 
 def _overrides(trajectory_dataset, run_dir):
     return [f"data.path={trajectory_dataset}", f"run_dir={run_dir}", *TINY_MODEL, "objective.name=oput",
-            "objective.block_size=16", "objective.supervised_eos=8"]
+            "objective.block_size=16", "objective.supervised_eos=8", "objective.noise_range_low=0.75",
+            "objective.noise_range_high=0.75"]
 
 
 def test_a_tiny_oput_run_learns(trajectory_dataset, tmp_path):

@@ -44,11 +44,28 @@ def test_config_errors_name_the_key(capsys, tiny_overrides, tmp_path):
         capsys, *tiny_overrides, "train.global_batch=6", "train.grad_accum=4")
     assert "data.seq_len must be in [1, model.max_seq_len=64]" in cli_error(
         capsys, *tiny_overrides, "data.seq_len=128")
-    assert "model.heads must divide" in cli_error(capsys, *tiny_overrides, "model.heads=3")
+    assert "model.heads must be at least 1 and divide" in cli_error(capsys, *tiny_overrides, "model.heads=3")
     assert "must look like key=value" in cli_error(capsys, *tiny_overrides, "train.steps")
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("train: [1, 2\n")
     assert "is not valid YAML" in cli_error(capsys, "--config", str(bad_yaml))
+    assert "the value is not valid YAML" in cli_error(capsys, *tiny_overrides, "train.steps=[1")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("run_dir: caf\xe9\n".encode("latin-1"))
+    assert "is not UTF-8" in cli_error(capsys, "--config", str(latin))
+    for override, key in [("model.heads=0", "model.heads"), ("model.hidden=-64", "model.hidden"),
+                          ("objective.block_size=0", "objective.block_size"), ("model.layers=0", "model.layers")]:
+        assert key in cli_error(capsys, *tiny_overrides, override, "objective.name=oput")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_run_resumes_only_with_its_own_model(capsys, tiny_overrides, tmp_path):
+    assert cli.main([*tiny_overrides, "train.steps=2", "train.checkpoint_every=2"]) == 0
+    capsys.readouterr()
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "model.hidden=32, this config has 48" in cli_error(capsys, *tiny_overrides, "train.steps=4",
+                                                              "model.hidden=48")
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved  # the intact run's config is kept
 
 
 def test_yaml_and_overrides_resolve_and_are_saved(tiny_overrides, tmp_path):
@@ -60,7 +77,8 @@ def test_yaml_and_overrides_resolve_and_are_saved(tiny_overrides, tmp_path):
 
 
 def test_shipped_configs_load_and_validate():
-    for name in ("tinystories_tiny", "tinystories_tiny_ar", "tinystories_seed"):
+    for name in ("tinystories_tiny", "tinystories_tiny_ar", "tinystories_tiny_bd3lm", "tinystories_tiny_oput",
+                 "dmax_oput_tiny", "tinystories_seed"):
         cfg = config_lib.load(f"configs/{name}.yaml", [])
         cfg.validate()
     seed = config_lib.load("configs/tinystories_seed.yaml", [])

@@ -9,6 +9,11 @@ import yaml
 from etils import epath
 
 
+# Objectives whose models attend block-causally (trained on [noisy | clean] block-diffusion rows).
+BLOCK_DIFFUSION = ("bd3lm", "oput")
+OBJECTIVES = ("mdlm", "bd3lm", "ar", "oput")
+
+
 class ConfigError(Exception):
     """A config problem: reported as one line naming the key, exit code 2."""
 
@@ -44,13 +49,15 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ObjectiveConfig:
-    name: str = "mdlm"  # mdlm | ar | oput (DMax on-policy uniform training, trajectory data)
-    noise_schedule: str = "loglinear"  # loglinear | linear | cosine (mdlm)
-    antithetic: bool = True  # low-discrepancy time sampling across the batch (mdlm)
-    eps: float = 1e-3  # smallest diffusion time (mdlm)
-    block_size: int = 32  # block-diffusion block length (oput)
-    noise_range_low: float = 0.75  # per-example mask rate drawn from [low, high] (oput)
-    noise_range_high: float = 0.75  # (oput)
+    name: str = "mdlm"  # mdlm | bd3lm (block diffusion) | ar | oput (DMax on-policy uniform training, trajectory data)
+    noise_schedule: str = "loglinear"  # loglinear | linear | cosine (mdlm, bd3lm)
+    antithetic: bool = True  # low-discrepancy time sampling across the batch (mdlm, bd3lm)
+    eps: float = 1e-3  # smallest diffusion time (mdlm, bd3lm)
+    block_size: int = 32  # block-diffusion block length (bd3lm, oput; evals decode with the same blocks)
+    # Training mask rates drawn from [low, high]: per block for bd3lm (BD3LM's clipped schedules;
+    # 0..1 is the unbiased NELBO), per example for oput (DMax trains at 0.75..0.75).
+    noise_range_low: float = 0.0
+    noise_range_high: float = 1.0  # (see noise_range_low)
     on_policy_ratio: float = 0.5  # share of examples trained on the model's own drafts (oput)
     supervised_eos: int = 32  # trailing EOS positions after the response that carry loss (oput)
 
@@ -114,18 +121,25 @@ class Config:
             (bool(self.run_dir), "run_dir", "is required"),
             (m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the dataset)"),
             (bool(d.path), "data.path", "is required (a preprocess output directory)"),
-            (m.head_dim > 0 or m.hidden % m.heads == 0, "model.heads", f"must divide model.hidden {m.hidden}"),
-            ((m.head_dim or m.hidden // m.heads) % 2 == 0, "model.head_dim", "must be even for RoPE"),
-            (m.heads % (m.kv_heads or m.heads) == 0, "model.kv_heads", f"must divide model.heads {m.heads}"),
+            (m.heads >= 1 and (m.head_dim > 0 or m.hidden % m.heads == 0), "model.heads",
+             f"must be at least 1 and divide model.hidden {m.hidden}"),
+            *[(getattr(m, key) >= 1, f"model.{key}", "must be at least 1")
+              for key in ("hidden", "layers", "mlp_hidden", "max_seq_len")],
+            (m.kv_heads >= 0 and m.head_dim >= 0, "model.kv_heads", "and model.head_dim must be >= 0 (0 = derived)"),
+            ((m.head_dim or m.hidden // max(m.heads, 1)) % 2 == 0, "model.head_dim", "must be even for RoPE"),
+            (m.heads % max(m.kv_heads or m.heads, 1) == 0, "model.kv_heads", f"must divide model.heads {m.heads}"),
             (m.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype", "must be float32 or bfloat16"),
             (0 < d.seq_len <= m.max_seq_len, "data.seq_len", f"must be in [1, model.max_seq_len={m.max_seq_len}]"),
             (d.packing_bins >= 1, "data.packing_bins", "must be at least 1"),
             (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
-            (self.objective.name in ("mdlm", "ar", "oput"), "objective.name", "must be mdlm, ar or oput"),
-            (self.objective.name != "oput" or d.seq_len % self.objective.block_size == 0, "data.seq_len",
+            (self.objective.name in OBJECTIVES, "objective.name", f"must be one of {', '.join(OBJECTIVES)}"),
+            (self.objective.block_size >= 1, "objective.block_size", "must be at least 1"),
+            (self.objective.name != "oput" or d.seq_len % max(self.objective.block_size, 1) == 0, "data.seq_len",
              f"must be a multiple of objective.block_size={self.objective.block_size} for oput"),
             (0 <= self.objective.noise_range_low <= self.objective.noise_range_high <= 1,
              "objective.noise_range_low", "and noise_range_high must satisfy 0 <= low <= high <= 1"),
+            (self.objective.name != "bd3lm" or self.objective.noise_range_high > self.objective.eps,
+             "objective.noise_range_high", f"must be above objective.eps={self.objective.eps} for bd3lm"),
             (0 <= self.objective.on_policy_ratio <= 1, "objective.on_policy_ratio", "must be in [0, 1]"),
             (self.objective.noise_schedule in ("loglinear", "linear", "cosine"), "objective.noise_schedule",
              "must be loglinear, linear or cosine"),
@@ -183,7 +197,11 @@ def _override(assignment: str) -> dict[str, Any]:
     key, sep, text = assignment.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {assignment!r} must look like key=value (nested keys with dots)")
-    value = yaml.safe_load(text) if text else ""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({str(e).splitlines()[0]}); "
+                          f"quote it") from None
     for part in reversed(key.split(".")):
         value = {part: value}
     return value
@@ -200,6 +218,8 @@ def load_into(config: Any, path: str | None, overrides: list[str]) -> Any:
             values = yaml.safe_load(epath.Path(path).read_text()) or {}
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text: save the config as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(values, dict):

@@ -45,6 +45,9 @@ def check_dataset(path: str, manifest: dict[str, Any], model: ModelConfig) -> No
     if tok["vocab_size"] != model.vocab_size:
         raise DataError(f"model.vocab_size {model.vocab_size} does not match the dataset's "
                         f"tokenizer ({tok['vocab_size']} tokens in {path}/tokenizer.json)")
+    if not manifest["splits"]["train"]["num_records"]:
+        raise DataError(f"the train split of {path} holds no records: preprocess more data or a lower "
+                        f"--validation_fraction")
     tokenizer_bytes = (epath.Path(path) / tok["file"]).read_bytes()
     if hashlib.sha256(tokenizer_bytes).hexdigest() != tok["sha256"]:
         raise DataError(f"{path}/{tok['file']} does not match the manifest's sha256: the dataset was altered")

@@ -1,4 +1,5 @@
-"""Objectives as pure functions: MDLM's continuous-time NELBO and the AR next-token loss.
+"""Objectives as pure functions: MDLM's continuous-time NELBO and the AR next-token loss
+(block diffusion, built on these pieces, is in `block_diffusion.py`).
 
 Each returns (sum of per-token losses, number of tokens), so gradient accumulation and
 evaluation can sum over micro-batches and divide once: exactly the full-batch value.
@@ -39,6 +40,19 @@ def sample_times(key: jax.Array, batch: int, antithetic: bool, eps: float) -> ja
     return eps + (1 - eps) * u_B
 
 
+def mask_tokens(key: jax.Array, tokens_BL: jax.Array, rate_BL: jax.Array, real_BL: jax.Array,
+                mask_id: int) -> tuple[jax.Array, jax.Array]:
+    """(noisy tokens, masked): each real token becomes the mask token with its probability `rate`."""
+    masked_BL = (jax.random.uniform(key, tokens_BL.shape) < rate_BL) & real_BL
+    return jnp.where(masked_BL, mask_id, tokens_BL), masked_BL
+
+
+def subs_nll(logits_BLV: jax.Array, tokens_BL: jax.Array, mask_id: int) -> jax.Array:
+    """-log p(token) with the mask logit at -inf (SUBS: the model never predicts the mask)."""
+    log_p = jax.nn.log_softmax(logits_BLV.at[..., mask_id].set(-jnp.inf))
+    return -jnp.take_along_axis(log_p, tokens_BL[..., None], -1)[..., 0]
+
+
 def mdlm_loss(
     logits_fn: Logits, tokens_BL: jax.Array, segment_ids_BL: jax.Array, key: jax.Array,
     mask_id: int, cfg: ObjectiveConfig, t_B: jax.Array | None = None,
@@ -54,10 +68,8 @@ def mdlm_loss(
         t_B = sample_times(time_key, batch, cfg.antithetic, cfg.eps)
     alpha_B, weight_B = alpha_and_weight(t_B, cfg.noise_schedule, cfg.eps)
     real_BL = segment_ids_BL != 0
-    masked_BL = (jax.random.uniform(mask_key, tokens_BL.shape) < (1 - alpha_B)[:, None]) & real_BL
-    noisy_BL = jnp.where(masked_BL, mask_id, tokens_BL)
-    logits_BLV = logits_fn(noisy_BL, False).at[..., mask_id].set(-jnp.inf)
-    nll_BL = -jnp.take_along_axis(jax.nn.log_softmax(logits_BLV), tokens_BL[..., None], -1)[..., 0]
+    noisy_BL, masked_BL = mask_tokens(mask_key, tokens_BL, (1 - alpha_B)[:, None], real_BL, mask_id)
+    nll_BL = subs_nll(logits_fn(noisy_BL, False), tokens_BL, mask_id)
     weighted = jnp.where(masked_BL, nll_BL * weight_B[:, None], 0.0)
     return weighted.sum(), real_BL.sum()
 

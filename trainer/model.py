@@ -113,10 +113,11 @@ class Transformer(nnx.Module):
         logits_BLV, _ = self.forward(self.embed(tokens_BL), positions_BL, attention_mask(segment_ids_BL, causal))
         return logits_BLV
 
-    def forward(self, x_BLD, positions_BL, mask_B1LS, caches=None):
+    def forward(self, x_BLD, positions_BL, mask_B1LS, caches=None, logits_for: int | None = None):
         """Embeddings in (hard or soft), (logits [B, L, V] float32, per-layer (k, v)) out.
 
         caches: per layer (k_BSHK, v_BSHK, offset) for decoding against a fixed-size KV cache.
+        logits_for: only the first n positions' logits (the noisy stream of a two-stream row).
         """
         kvs = []
         for i, block in enumerate(self.blocks):
@@ -126,7 +127,7 @@ class Transformer(nnx.Module):
             else:
                 x_BLD, kv = block(x_BLD, positions_BL, mask_B1LS, cache)
             kvs.append(kv)
-        x_BLD = self.final_norm(x_BLD)
+        x_BLD = self.final_norm(x_BLD[:, :logits_for])
         logits_BLV = self.embed.attend(x_BLD) if self.head is None else self.head(x_BLD)
         return logits_BLV.astype(jnp.float32), kvs
 

@@ -1,4 +1,5 @@
-"""DMax On-Policy Uniform Training (OPUT): block diffusion on a two-stream row [noisy | clean].
+"""DMax On-Policy Uniform Training (OPUT): block diffusion on a two-stream row [noisy | clean]
+(the two-stream mask and forward are `block_diffusion`'s).
 
 Shapes: B batch, N row length (a multiple of the block), 2N the two streams, V vocab.
 Each example is masked at one rate t ~ U[low, high] on every position past its prompt; with
@@ -12,21 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from trainer import block_diffusion, loss
 from trainer.config import ObjectiveConfig
-
-
-def two_stream_mask(length: int, block: int) -> jax.Array:
-    """[1, 1, 2N, 2N] bool. Query q sees key k iff both are in the same stream and block, or q is
-    noisy and k is a clean earlier block, or both are clean and k's block is not after q's."""
-    index = jnp.arange(2 * length)
-    noisy = index < length
-    block_id = (index % length) // block
-    q_noisy, k_noisy = noisy[:, None], noisy[None, :]
-    q_block, k_block = block_id[:, None], block_id[None, :]
-    same_stream_block = (q_noisy == k_noisy) & (q_block == k_block)
-    noisy_to_clean_past = q_noisy & ~k_noisy & (q_block > k_block)
-    clean_causal = ~q_noisy & ~k_noisy & (q_block >= k_block)
-    return (same_stream_block | noisy_to_clean_past | clean_causal)[None, None]
 
 
 def add_noise(key: jax.Array, tokens_BN: jax.Array, prompt_len_B: jax.Array, cfg: ObjectiveConfig,
@@ -36,8 +24,7 @@ def add_noise(key: jax.Array, tokens_BN: jax.Array, prompt_len_B: jax.Array, cfg
     rate_B = jax.random.uniform(rate_key, prompt_len_B.shape, minval=cfg.noise_range_low,
                                 maxval=cfg.noise_range_high)
     past_prompt = jnp.arange(tokens_BN.shape[1])[None, :] >= prompt_len_B[:, None]
-    masked = past_prompt & (jax.random.uniform(mask_key, tokens_BN.shape) < rate_B[:, None])
-    return jnp.where(masked, mask_id, tokens_BN), masked
+    return loss.mask_tokens(mask_key, tokens_BN, rate_B[:, None], past_prompt, mask_id)
 
 
 def oput_loss(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, cfg: ObjectiveConfig):
@@ -49,13 +36,11 @@ def oput_loss(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, 
     batch_size, length = tokens_BN.shape
     noise_key, policy_key = jax.random.split(key)
     noisy_BN, masked_BN = add_noise(noise_key, tokens_BN, batch["prompt_len"], cfg, mask_id)
-    positions = jnp.tile(jnp.arange(length), (batch_size, 2))
-    attention = two_stream_mask(length, cfg.block_size)
+    positions_BN = jnp.tile(jnp.arange(length), (batch_size, 1))
+    attention = block_diffusion.two_stream_mask(positions_BN, jnp.ones_like(tokens_BN), cfg.block_size)
 
     def noisy_logits(noisy):
-        inputs = model.embed(jnp.concatenate([noisy, tokens_BN], axis=1))
-        logits, _ = model.forward(inputs, positions, attention)
-        return logits[:, :length]
+        return block_diffusion.noisy_stream_logits(model, noisy, tokens_BN, positions_BN, attention)
 
     # On-policy rollout: the same forward without gradient; its greedy drafts replace the masks.
     on_policy_B = jax.random.uniform(policy_key, (batch_size,)) < cfg.on_policy_ratio

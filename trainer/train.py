@@ -6,7 +6,9 @@ checkpointed iterator, so a resumed run repeats the uninterrupted run bit for bi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import signal
 import sys
 import time
@@ -20,8 +22,9 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from trainer import checkpoint, data, hf, loss, observe, oput, sharding
-from trainer.config import Config, ObjectiveConfig, OptimConfig, dump, to_dict
+from trainer import block_diffusion, checkpoint, data, hf, loss, observe, oput, sharding
+from trainer import config as config_lib
+from trainer.config import BLOCK_DIFFUSION, Config, ObjectiveConfig, OptimConfig, dump, to_dict
 from trainer.model import Transformer, param_count, train_flops_per_token
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
@@ -67,6 +70,9 @@ def batch_loss(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int,
     if cfg.name == "oput":
         return oput.oput_loss(model, batch, key, mask_id, cfg)
     segments, positions = batch["tokens_segment_ids"], batch["tokens_positions"]
+    if cfg.name == "bd3lm":
+        total, count = block_diffusion.bd3lm_loss(model, batch["tokens"], segments, positions, key, mask_id, cfg)
+        return total, count, {}
     logits_fn = lambda toks_BL, causal: model(toks_BL, segments, positions, causal)  # noqa: E731
     objective = loss.ar_loss if cfg.name == "ar" else loss.mdlm_loss
     total, count = objective(logits_fn, batch["tokens"], segments, key, mask_id, cfg)
@@ -129,6 +135,46 @@ def real_tokens(batch: dict[str, np.ndarray]) -> int:
     return int(batch["loss_mask"].sum() + batch["prompt_len"].sum())
 
 
+def check_resume(cfg: Config) -> None:
+    """A run directory resumes only with the model it was trained with: refused in one line before
+    its config.yaml (which evals read) is rewritten."""
+    path, checkpoints = epath.Path(cfg.run_dir) / "config.yaml", epath.Path(cfg.run_dir) / "checkpoints"
+    if not path.exists() or not checkpoints.exists() or checkpoint.reader(cfg.run_dir).latest_step() is None:
+        return  # nothing trained yet: nothing to protect
+    saved = config_lib.load(str(path), []).model
+    for field in dataclasses.fields(saved):
+        if field.name != "init_from" and getattr(saved, field.name) != getattr(cfg.model, field.name):
+            raise checkpoint.TopologyError(
+                f"{cfg.run_dir} holds a run with model.{field.name}={getattr(saved, field.name)}, this config has "
+                f"{getattr(cfg.model, field.name)}: resume with the run's model or use a new run_dir")
+
+
+def check_init_source(cfg: Config, manifest: dict[str, Any]) -> None:
+    """train.init_from_run must be a run of the same model shape, tokenizer and (between two
+    block-diffusion objectives) block size: anything else fails here in one line, before any write."""
+    source = cfg.train.init_from_run
+    path = epath.Path(source) / "config.yaml"
+    if not path.exists():
+        raise checkpoint.TopologyError(f"train.init_from_run {source} is not a trainer run directory (no config.yaml)")
+    other = config_lib.load(str(path), [])
+    for field in ("hidden", "layers", "heads", "kv_heads", "head_dim", "mlp_hidden", "qk_norm", "tie_embeddings",
+                  "vocab_size"):
+        if getattr(other.model, field) != getattr(cfg.model, field):
+            raise checkpoint.TopologyError(f"train.init_from_run {source} has model.{field}="
+                                           f"{getattr(other.model, field)}, this run {getattr(cfg.model, field)}")
+    theirs = epath.Path(other.data.path) / "manifest.json"
+    if theirs.exists():
+        sha = json.loads(theirs.read_text())["tokenizer"]["sha256"]
+        if sha != manifest["tokenizer"]["sha256"]:
+            raise checkpoint.TopologyError(
+                f"train.init_from_run {source} was trained with another tokenizer than {cfg.data.path}: "
+                f"preprocess with --tokenizer {other.data.path}/tokenizer.json")
+    both = other.objective.name in BLOCK_DIFFUSION and cfg.objective.name in BLOCK_DIFFUSION
+    if both and other.objective.block_size != cfg.objective.block_size:
+        raise checkpoint.TopologyError(f"train.init_from_run {source} was trained with objective.block_size="
+                                       f"{other.objective.block_size}, this run has {cfg.objective.block_size}")
+
+
 class _Preemption:
     """Turns SIGTERM into a flag the loop checks after each step."""
 
@@ -151,9 +197,12 @@ def run(cfg: Config) -> int:
             raise hf.WeightsError(f"model.vocab_size {cfg.model.vocab_size} is smaller than vocab_size "
                                   f"{weights_vocab} of {cfg.model.init_from}: use that model's tokenizer")
     data.check_dataset(cfg.data.path, manifest, cfg.model)
+    if cfg.train.init_from_run:
+        check_init_source(cfg, manifest)
     mask_id = data.special_ids(manifest)["mask"]
     lead = jax.process_index() == 0  # logs, progress, wandb and config: process 0 only
     run_dir = epath.Path(cfg.run_dir)
+    check_resume(cfg)
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump(cfg))
@@ -180,7 +229,9 @@ def run(cfg: Config) -> int:
     peak, peak_source = observe.device_peak_flops(cfg.model.compute_dtype)
     peak *= jax.device_count()
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
-    if cfg.objective.name == "oput":  # two streams, each trained (6/weight) after a rollout forward (2/weight)
+    if cfg.objective.name == "bd3lm":  # both streams are trained: two positions per token
+        flops_per_token = train_flops_per_token(cfg.model, 2 * cfg.data.seq_len) * 2
+    elif cfg.objective.name == "oput":  # two streams, each trained (6/weight) after a rollout forward (2/weight)
         flops_per_token = train_flops_per_token(cfg.model, 2 * cfg.data.seq_len) * 2 * 8 / 6
     preemption = _Preemption()
     if lead:
@@ -219,7 +270,7 @@ def run(cfg: Config) -> int:
                 record = {"step": done, "loss": value, "lr": float(metrics["lr"]),
                           "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": round(tokens_per_s, 1),
                           "mfu": tokens_per_s * flops_per_token / peak}
-                if cfg.objective.name == "mdlm":
+                if cfg.objective.name in ("mdlm", "bd3lm"):
                     record.update(nelbo=value, ppl_bound=float(np.exp(min(value, 50.0))))
                 elif cfg.objective.name == "ar":
                     record.update(ppl=float(np.exp(min(value, 50.0))))

@@ -1,0 +1,184 @@
+"""The speed/quality frontier of decoding: DMax's recipe against its base model and MDLM.
+
+    python benchmarks/decoding.py [--corpus generated|shared] [--seeds 3] [--out results.json] [--svg F]
+
+Runs DMax's recipe (recipes/dmax.sh) on a corpus: the quickstart's 5,000 generated stories, or
+the real TinyStories sample in ../shared/data (skipped with a reason when absent). That trains
+the block-diffusion base model (`configs/tinystories_tiny_bd3lm.yaml`) and its AR twin (the
+judge), lets the base answer --prompts train prompts, and fine-tunes it with OPUT on its own
+answers; the benchmark adds the OPUT fine-tune with --seeds - 1 more seeds and the tiny MDLM
+model of the same shape for reference. Every model then decodes the same prompts (the first
+16 tokens of held-out documents) for exactly --gen_length tokens with the samplers matched to
+its objective, the threshold samplers at each of --thresholds. Per row: tokens per forward per
+sequence (as if decoded alone), tokens/s of the batch, generative perplexity under the AR
+judge, distinct-2 and mean length. OPUT rows give min / median / max over the seeds. Goals:
+SPD on the base model >= 2.0 tokens per forward at gen-ppl <= 1.2x its one-token decoding
+(block diffusion alone), and SPD on the OPUT model >= 3.0 tokens per forward at gen-ppl <= 1.1x
+the base model's one-token decoding, faster than the base's SPD at equal or better gen-ppl.
+The frontier (tokens per forward vs gen-ppl, one curve per model and sampler) is written as SVG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import jax
+from _common import emit, latest
+
+from evals import perplexity, quality, report, sampling
+from evals.config import SamplingConfig
+from trainer import data
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "tinystories" / "TinyStoriesV2-GPT4-valid.sample-a.txt"
+PROMPT_LEN = 16
+
+
+def run(*args: str, env: dict | None = None) -> None:
+    subprocess.run([sys.executable, *args], check=True, capture_output=True, cwd=ROOT, env=env)
+
+
+def make_runs(tmp: str, args) -> dict[str, str]:
+    """The recipe's runs (base, judge, OPUT seed 0), OPUT at the other seeds, and MDLM."""
+    if args.corpus == "generated":
+        source = f"{tmp}/stories.txt"
+        run("-m", "pipelines.corpus", "--output", source, "--num_stories", "5000", "--seed", "0")
+    else:
+        source = str(SHARED)
+    run("-m", "pipelines.preprocess", "--dataset", "tinystories", "--input", source, "--output", f"{tmp}/data",
+        "--vocab_size", "4096", "--num_shards", "4")
+    recipe = f"{tmp}/recipe"
+    env = {**os.environ, "DATA": f"{tmp}/data", "RUN": recipe, "PYTHON": sys.executable, "EVALS": "0",
+           "BASE_STEPS": str(args.steps), "JUDGE_STEPS": str(args.steps), "PROMPTS": str(args.prompts),
+           "OPUT_STEPS": str(args.oput_steps), "TRAIN_ARGS": "wandb.mode=disabled"}
+    subprocess.run(["bash", "recipes/dmax.sh"], check=True, capture_output=True, cwd=ROOT, env=env)
+    runs = {"base": f"{recipe}/base", "judge": f"{recipe}/judge", "oput_seed0": f"{recipe}/oput"}
+    for seed in range(1, args.seeds):
+        runs[f"oput_seed{seed}"] = f"{recipe}/oput_seed{seed}"
+        run("-m", "trainer", "--config", "configs/tinystories_tiny_oput.yaml", f"run_dir={runs[f'oput_seed{seed}']}",
+            f"data.path={recipe}/trajectories_data", f"train.init_from_run={recipe}/base", f"seed={seed}",
+            f"train.steps={args.oput_steps}", f"train.checkpoint_every={args.oput_steps}", "wandb.mode=disabled")
+    runs["mdlm"] = f"{tmp}/mdlm"
+    run("-m", "trainer", "--config", "configs/tinystories_tiny.yaml", f"run_dir={runs['mdlm']}",
+        f"data.path={tmp}/data", f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}",
+        "wandb.mode=disabled")
+    return runs
+
+
+def decode_table(run_dir: str, prompt, ids, judge, thresholds: list[float], gen_length: int) -> dict:
+    """Every matched sampler of the run (threshold samplers at each threshold) on the given prompts."""
+    run_cfg, model = latest(run_dir)
+    names = [n for n in sampling.matched(run_cfg.objective.name) if n != "spd"]  # spd_cached: same tokens, faster
+    base = SamplingConfig(prompt_tokens=PROMPT_LEN, gen_length=gen_length, steps=32, top_k=1)
+    _, base = sampling.plan(",".join(names), base, run_cfg)
+    rows = {}
+    for name in names:
+        for threshold in [None] if sampling.is_one_token(name, base) else thresholds:
+            cfg = base if threshold is None else dataclasses.replace(base, threshold=threshold)
+            out = sampling.generate(name, *model, prompt, cfg, ids["mask"], ids["eos"], jax.random.key(0))
+            row = quality.sampler_metrics(out, PROMPT_LEN, ids["eos"], judge)
+            rows[name if threshold is None else f"{name}@{threshold}"] = {
+                k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+    return {"objective": run_cfg.objective.name, "block_length": base.block_length, "revise": base.revise,
+            "rows": rows}
+
+
+def spread(tables: list[dict]) -> dict:
+    """Per row, min / median / max over the seeds' tables of each figure."""
+    rows = {}
+    for name in tables[0]["rows"]:
+        rows[name] = {key: {"min": min(v), "median": statistics.median(v), "max": max(v)}
+                      for key in ("tokens_per_forward", "gen_ppl", "distinct_2", "tokens_per_s")
+                      for v in [[t["rows"][name][key] for t in tables]]}
+    return {"objective": tables[0]["objective"], "seeds": len(tables), "rows": rows}
+
+
+def goals(results: dict) -> dict:
+    base_rows = results["base"]["rows"]
+    one_token = base_rows["one_token"]["gen_ppl"]
+
+    def best(rows, sampler, bound):
+        within = {n: r for n, r in rows.items() if n.startswith(sampler + "@") and r["gen_ppl"] <= bound}
+        name = max(within, key=lambda n: within[n]["tokens_per_forward"], default=None)
+        return name, (within[name]["tokens_per_forward"] if name else 0.0)
+
+    base_name, base_tpf = best(base_rows, "spd_cached", 1.2 * one_token)
+    seeds = [t for n, t in results.items() if n.startswith("oput_seed")]
+    per_seed = [best(t["rows"], "spd_cached", 1.1 * one_token) for t in seeds]
+    tpfs = [tpf for _, tpf in per_seed]
+    # The base's SPD at a gen-ppl no better than OPUT's chosen row: the speed to beat at equal quality.
+    base_at_equal = [best(base_rows, "spd_cached", t["rows"][n]["gen_ppl"])[1] if n else 0.0
+                     for t, (n, _) in zip(seeds, per_seed)]
+    return {
+        "base_spd": {"goal": "tokens/forward >= 2.0 at gen-ppl <= 1.2x base one-token", "best_row": base_name,
+                     "tokens_per_forward": base_tpf, "met": base_tpf >= 2.0},
+        "oput_spd": {"goal": "tokens/forward >= 3.0 at gen-ppl <= 1.1x base one-token, above base SPD at equal "
+                             "gen-ppl", "best_rows": [n for n, _ in per_seed], "tokens_per_forward": tpfs,
+                     "base_spd_at_equal_gen_ppl": base_at_equal,
+                     "met": all(t >= 3.0 and t > b for t, b in zip(tpfs, base_at_equal))},
+    }
+
+
+def frontier_svg(results: dict) -> str:
+    series = {}
+    for model, table in results.items():
+        rows = table["rows"]
+        for sampler in {n.split("@")[0] for n in rows}:
+            points = [(r["tokens_per_forward"], r["gen_ppl"]) for n, r in rows.items() if n.split("@")[0] == sampler]
+            if isinstance(points[0][0], dict):  # a spread over seeds: plot the medians
+                points = [(x["median"], y["median"]) for x, y in points]
+            series[f"{model} {sampler}"] = sorted(points)
+    return report.plot(series, "tokens per forward (per sequence)", "gen-ppl (AR judge)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", choices=("generated", "shared"), default="generated")
+    parser.add_argument("--steps", type=int, default=300, help="Steps of the base, the judge and MDLM.")
+    parser.add_argument("--oput_steps", type=int, default=150, help="Steps of each OPUT fine-tune.")
+    parser.add_argument("--prompts", type=int, default=1024, help="Trajectories the base model generates.")
+    parser.add_argument("--seeds", type=int, default=3, help="OPUT fine-tunes (seeds 0..N-1).")
+    parser.add_argument("--eval_prompts", type=int, default=16, help="Held-out prompts decoded per setting.")
+    parser.add_argument("--gen_length", type=int, default=64, help="Tokens generated after each 16-token prompt.")
+    parser.add_argument("--thresholds", default="0.5,0.7,0.9", help="Comma-separated thresholds.")
+    parser.add_argument("--svg", default=str(ROOT / "benchmarks" / "frontier.svg"), help="Where the plot goes.")
+    parser.add_argument("--out", help="Also write the JSON here.")
+    args = parser.parse_args()
+    machine = f"{platform.machine()} {os.cpu_count()} cpus, {jax.devices()[0].device_kind}"
+    if args.corpus == "shared" and not SHARED.exists():
+        emit({"benchmark": "decoding", "machine": machine, "skipped": f"real TinyStories sample not at {SHARED}"},
+             args.out)
+        return
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = make_runs(tmp, args)
+        judge = latest(runs.pop("judge"))[1]
+        base_cfg = latest(runs["base"])[0]
+        manifest = data.load_manifest(base_cfg.data.path)
+        prompt = perplexity.prompts(base_cfg, manifest, args.eval_prompts, PROMPT_LEN)
+        tables = {name: decode_table(run_dir, prompt, data.special_ids(manifest), judge, thresholds, args.gen_length)
+                  for name, run_dir in runs.items()}
+    oput = [tables.pop(n) for n in list(tables) if n.startswith("oput_seed")]
+    results = {**tables, **{f"oput_seed{i}": t for i, t in enumerate(oput)}}
+    summary = {"base": tables["base"], "oput": spread(oput), "mdlm": tables["mdlm"]}
+    pathlib.Path(args.svg).write_text(frontier_svg(summary))
+    emit({"benchmark": "decoding", "machine": machine, "corpus": args.corpus, "steps": args.steps,
+          "oput_steps": args.oput_steps, "trajectories": args.prompts, "seeds": args.seeds,
+          "eval_prompts": args.eval_prompts, "gen_length": args.gen_length, "thresholds": thresholds,
+          "summary": summary, "per_seed": {n: t for n, t in results.items() if n.startswith("oput_seed")},
+          "goals": goals(results), "svg": os.path.relpath(args.svg, ROOT)}, args.out)
+
+
+if __name__ == "__main__":
+    from absl import flags
+
+    flags.FLAGS(sys.argv[:1])  # Grain's worker processes read absl flags
+    main()

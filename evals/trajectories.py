@@ -1,0 +1,251 @@
+"""Self-generated trajectories: a run's checkpoint answers prompts from a dataset, in DMax's layout.
+
+    python -m evals.trajectories --run_dir RUN --output DIR [--config FILE] [key=value ...]
+
+Prompts are the first `prompt_tokens` tokens of the documents of a preprocess output's split (a
+text dataset) or the prompt field of its records (a trajectory dataset), in manifest order. Each
+is decoded by the chosen sampler of the run's latest (or `step`) checkpoint, batched through one
+compiled program, and written as `{"question", "answer"}` rows (`.jsonl` or `.parquet`, local or
+gs://): the question is the prompt's text, the answer the generated text up to its EOS. Rows are
+written in parts of `rows_per_part` prompts, each whole or not at all, so a killed job re-runs only
+its missing parts and gives the same rows as an uninterrupted one; `trajectories.json`, written
+last, records the model, step, sampler, settings and counts. Tokenize the rows with
+`python -m pipelines.preprocess --dataset dmax_trajectories --tokenizer RUN_DATA/tokenizer.json
+--prompt_suffix ''` (text prompts) to train OPUT on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import sys
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from etils import epath
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from evals import checkpoints, ledger, sampling
+from evals.config import SamplingConfig
+from trainer import checkpoint, data
+from trainer.config import ConfigError, load_into
+
+SIDECAR = "trajectories.json"
+
+
+@dataclasses.dataclass
+class TrajectoriesConfig:
+    step: int = 0  # checkpoint step to decode with (0 = the latest committed)
+    data_path: str = ""  # preprocess output holding the prompts ("" = the run's data.path)
+    split: str = "train"  # train | validation
+    num_prompts: int = 2000  # prompts taken in manifest order (0 = every usable document)
+    prompt_tokens: int = 16  # text datasets: leading tokens of a document (BOS included) used as the prompt
+    sampler: str = "threshold"  # any sampler name (evals.sampling); the run's matched ones fit best
+    batch_size: int = 64  # prompts per decoding call (one compiled program per prompt length)
+    rows_per_part: int = 512  # prompts per output part: the unit that is written whole and resumed
+    format: str = "jsonl"  # jsonl | parquet
+    keep_unfinished: bool = False  # keep answers that reach gen_length without an EOS
+    sampling: SamplingConfig = dataclasses.field(default_factory=lambda: SamplingConfig(gen_length=0))
+
+    def validate(self) -> None:
+        rules = [
+            (self.split in ("train", "validation"), "split", "must be train or validation"),
+            (self.num_prompts >= 0, "num_prompts", "must be >= 0"),
+            (self.prompt_tokens >= 2, "prompt_tokens", "must be at least 2"),
+            (self.batch_size >= 1, "batch_size", "must be at least 1"),
+            (self.rows_per_part >= 1, "rows_per_part", "must be at least 1"),
+            (self.format in ("jsonl", "parquet"), "format", "must be jsonl or parquet"),
+            (self.sampling.gen_length >= 0, "sampling.gen_length", "must be >= 0 (0 = fill the trained length)"),
+        ]
+        for ok, key, message in rules:
+            if not ok:
+                raise ConfigError(f"{key} {message}")
+
+
+class Prompt(NamedTuple):
+    index: int  # position among the usable prompts (the output order)
+    tokens: np.ndarray  # token ids, BOS first
+    question: str  # the prompt's text, without BOS (and without the dataset's prompt suffix)
+
+
+def prompts(path: str, split: str, cfg: TrajectoriesConfig, tokenizer: Tokenizer) -> list[Prompt]:
+    """The usable prompts in manifest order. A text document's first `prompt_tokens` tokens are used
+    only when their text tokenizes back to exactly them (the cut falls between pre-tokens), so the
+    question round-trips through preprocessing; records keep their own prompt."""
+    manifest = data.load_manifest(path)
+    trajectories = manifest["record_schema"]["fields"] == ["prompt", "response"]
+    suffix = manifest["options"].get("prompt_suffix", "\n")
+    bos = data.special_ids(manifest).get("bos")
+    found = []
+    for doc in data.documents(path, manifest, split):
+        tokens = doc["tokens"]
+        if trajectories:
+            ids = tokens[:int(doc["prompt_len"])]
+        elif len(tokens) > cfg.prompt_tokens:
+            ids = tokens[:cfg.prompt_tokens]
+        else:
+            continue
+        body = ids[1:] if bos is not None and len(ids) and ids[0] == bos else ids
+        text = tokenizer.decode(body.tolist(), skip_special_tokens=False)
+        if trajectories:
+            text = text.removesuffix(suffix) if suffix else text
+        elif tokenizer.encode(text, add_special_tokens=False).ids != body.tolist():
+            continue
+        found.append(Prompt(len(found), ids.astype(np.int32), text))
+        if cfg.num_prompts and len(found) == cfg.num_prompts:
+            break
+    return found
+
+
+def _settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _write_rows(path: epath.Path, rows: list[dict], fmt: str) -> None:
+    if fmt == "jsonl":
+        ledger.write_whole(path, "".join(json.dumps(r) + "\n" for r in rows))
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("question", pa.string()), ("answer", pa.string())])),
+                   buffer)
+    ledger.write_whole(path, buffer.getvalue())
+
+
+def decode_part(part: list[Prompt], generate, batch_size: int, eos_id: int, gen_length: int,
+                tokenizer: Tokenizer, keep_unfinished: bool) -> tuple[list[dict], dict[str, int]]:
+    """Rows of one part (its prompts grouped by length, each group in fixed-size batches, the last
+    padded by repeating its final prompt) and the counts of dropped answers."""
+    answers: dict[int, np.ndarray] = {}
+    by_length: dict[int, list[Prompt]] = {}
+    for prompt in part:
+        by_length.setdefault(len(prompt.tokens), []).append(prompt)
+    for length, group in sorted(by_length.items()):
+        for start in range(0, len(group), batch_size):
+            chunk = group[start:start + batch_size]
+            batch = np.stack([p.tokens for p in chunk] + [chunk[-1].tokens] * (batch_size - len(chunk)))
+            out = generate(batch)
+            for p, row in zip(chunk, out.tokens):
+                answers[p.index] = row[length:]
+    rows, dropped = [], {"unfinished": 0, "empty": 0}
+    for prompt in part:
+        generated = answers[prompt.index]
+        ends = np.flatnonzero(generated == eos_id)
+        if not len(ends) and not keep_unfinished:
+            dropped["unfinished"] += 1
+            continue
+        answer = tokenizer.decode(generated[:ends[0] if len(ends) else gen_length].tolist())
+        if not answer.strip():
+            dropped["empty"] += 1
+            continue
+        rows.append({"question": prompt.question, "answer": answer})
+    return rows, dropped
+
+
+def generate_trajectories(run_dir: str, output: str, cfg: TrajectoriesConfig) -> dict:
+    """Writes (or completes) the trajectories of `run_dir` into `output`; returns the sidecar."""
+    run_cfg = checkpoints.load_config(run_dir)
+    path = cfg.data_path or run_cfg.data.path
+    manifest = data.load_manifest(path)
+    run_manifest = data.load_manifest(run_cfg.data.path)
+    if manifest["tokenizer"]["sha256"] != run_manifest["tokenizer"]["sha256"]:
+        raise ConfigError(f"data_path {path} was tokenized with another tokenizer than the run's data "
+                          f"({run_cfg.data.path}): use a dataset preprocessed with its tokenizer.json")
+    tokenizer = Tokenizer.from_str((epath.Path(path) / manifest["tokenizer"]["file"]).read_text())
+    ids = data.special_ids(manifest)
+    mngr = checkpoint.reader(run_dir)
+    steps = checkpoints.committed_steps(mngr)
+    step = cfg.step or (steps[-1] if steps else None)
+    if step not in steps:
+        raise checkpoints.RunError(f"{run_dir} has no committed checkpoint {cfg.step or ''}".rstrip())
+    found = prompts(path, cfg.split, cfg, tokenizer)
+    if not found:
+        raise ConfigError(f"no usable prompts in the {cfg.split} split of {path} (prompt_tokens={cfg.prompt_tokens})")
+    longest = max(len(p.tokens) for p in found)
+    sampling_cfg = cfg.sampling
+    if not sampling_cfg.gen_length:  # fill the length the model was trained on
+        sampling_cfg = dataclasses.replace(sampling_cfg, gen_length=run_cfg.data.seq_len - longest)
+    names, sampling_cfg = sampling.plan(cfg.sampler, dataclasses.replace(sampling_cfg, prompt_tokens=longest), run_cfg)
+    if len(names) != 1:
+        raise ConfigError(f"sampler must name one sampler, got {cfg.sampler!r}")
+    settings = {"run_dir": str(run_dir), "step": step, "data_path": str(path), "split": cfg.split,
+                "prompts": len(found), **{k: v for k, v in dataclasses.asdict(cfg).items()
+                                          if k not in ("data_path", "split", "step", "sampling")},
+                "sampling": dataclasses.asdict(sampling_cfg)}
+    tag = _settings_hash(settings)
+    out = epath.Path(output)
+    sidecar = out / SIDECAR
+    if sidecar.exists():
+        existing = json.loads(sidecar.read_text())
+        if existing["settings_hash"] != tag:
+            raise ConfigError(f"{output} already holds trajectories made with other settings: choose another --output")
+        return existing
+    out.mkdir(parents=True, exist_ok=True)
+    stale = [p.name for p in out.glob("part-*") if f"-{tag}." not in p.name]
+    if stale:
+        raise ConfigError(f"{output} holds parts of an unfinished job with other settings ({stale[0]}): "
+                          f"remove them or choose another --output")
+
+    _, params = model = checkpoints.restore_params(mngr, step, run_cfg)
+    key = jax.random.key(sampling_cfg.seed)
+    generate = lambda batch: sampling.generate(names[0], *model, batch, sampling_cfg, ids["mask"],  # noqa: E731
+                                               ids["eos"], key)
+    parts = [found[i:i + cfg.rows_per_part] for i in range(0, len(found), cfg.rows_per_part)]
+    files, rows_total, dropped_total = [], 0, {"unfinished": 0, "empty": 0}
+    for index, part in enumerate(tqdm(parts, desc="trajectories", unit="part", dynamic_ncols=True)):
+        name = f"part-{index:05d}-of-{len(parts):05d}-{tag}.{cfg.format}"
+        counts = out / f".{name}.counts.json"
+        if not (out / name).exists() or not counts.exists():
+            rows, dropped = decode_part(part, generate, cfg.batch_size, ids["eos"], sampling_cfg.gen_length,
+                                        tokenizer, cfg.keep_unfinished)
+            ledger.write_whole(counts, json.dumps({"rows": len(rows), "dropped": dropped}))
+            _write_rows(out / name, rows, cfg.format)
+        recorded = json.loads(counts.read_text())
+        files.append(name)
+        rows_total += recorded["rows"]
+        dropped_total = {k: dropped_total[k] + recorded["dropped"][k] for k in dropped_total}
+    result = {"model": {"run_dir": str(run_dir), "step": step, "objective": run_cfg.objective.name,
+                        "model": dataclasses.asdict(run_cfg.model)},
+              "sampler": names[0], "settings": settings, "settings_hash": tag, "files": files,
+              "rows": rows_total, "dropped": dropped_total,
+              "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+              "preprocess": f"--dataset dmax_trajectories --tokenizer {path}/tokenizer.json"
+                            + (" --prompt_suffix ''" if manifest["record_schema"]["fields"] == ["tokens"] else "")}
+    ledger.write_whole(sidecar, json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evals.trajectories", description=__doc__.splitlines()[0])
+    parser.add_argument("--run_dir", required=True, help="A trainer run directory (local or gs://)")
+    parser.add_argument("--output", required=True, help="Directory for the rows and trajectories.json")
+    parser.add_argument("--config", help="Optional YAML of these settings")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. num_prompts=500 sampling.threshold=0.9")
+    args = parser.parse_args(argv)
+    from trainer.data import DataError
+
+    try:
+        cfg = load_into(TrajectoriesConfig(), args.config, args.overrides)
+        cfg.validate()
+        result = generate_trajectories(args.run_dir, args.output, cfg)
+    except (ConfigError, DataError, checkpoints.RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{result['rows']} trajectories from step {result['model']['step']} ({result['sampler']}) in {args.output}; "
+          f"dropped {result['dropped']}; tokenize with: python -m pipelines.preprocess {result['preprocess']} "
+          f"--input '{args.output}/part-*' --output DIR")
+    return 0
+
+
+if __name__ == "__main__":
+    from absl import flags
+
+    flags.FLAGS(sys.argv[:1])  # Grain's worker processes read absl flags
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# DMax's recipe on a preprocess output, offline: block-diffusion pretraining -> an AR judge of
+# sample quality -> self-generated trajectories (the base model answers prompts from the train
+# split) -> tokenized with the same tokenizer -> OPUT fine-tuning from the block-diffusion model ->
+# evals of both runs. Re-running resumes each stage (a finished stage is skipped).
+# Environment: DATA (a preprocess output, required), RUN (output folder), BASE_STEPS, JUDGE_STEPS,
+# PROMPTS (trajectories), TRAJ_VALIDATION (their validation share), OPUT_STEPS, BASE_CONFIG /
+# JUDGE_CONFIG / OPUT_CONFIG (configs/*.yaml), TRAIN_ARGS (key=value for all three trainings),
+# TRAJ_ARGS, EVAL_ARGS, EVALS=0 (skip the last stage).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+: "${DATA:?set DATA to a preprocess output (python -m pipelines.preprocess ...)}"
+RUN=${RUN:-runs/dmax}
+BASE_STEPS=${BASE_STEPS:-300}
+JUDGE_STEPS=${JUDGE_STEPS:-300}
+PROMPTS=${PROMPTS:-1024}
+OPUT_STEPS=${OPUT_STEPS:-150}
+BASE_CONFIG=${BASE_CONFIG:-configs/tinystories_tiny_bd3lm.yaml}
+JUDGE_CONFIG=${JUDGE_CONFIG:-configs/tinystories_tiny_ar.yaml}
+OPUT_CONFIG=${OPUT_CONFIG:-configs/tinystories_tiny_oput.yaml}
+read -r -a TRAIN_EXTRA <<< "${TRAIN_ARGS:-}"
+read -r -a TRAJ_EXTRA <<< "${TRAJ_ARGS:-}"
+read -r -a EVAL_EXTRA <<< "${EVAL_ARGS:-}"
+
+train() {  # run_dir config steps [key=value ...]: resumes from its last checkpoint
+  local run_dir=$1 config=$2 steps=$3
+  shift 3
+  "$PY" -m trainer --config "$config" run_dir="$run_dir" train.steps="$steps" \
+    train.checkpoint_every=$(( steps / 2 > 0 ? steps / 2 : 1 )) "$@" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
+}
+
+echo "== recipe 1/6 block-diffusion pretraining: $BASE_CONFIG, $BASE_STEPS steps"
+train "$RUN/base" "$BASE_CONFIG" "$BASE_STEPS" data.path="$DATA"
+echo "== recipe 2/6 the AR judge of sample quality: $JUDGE_CONFIG, $JUDGE_STEPS steps"
+train "$RUN/judge" "$JUDGE_CONFIG" "$JUDGE_STEPS" data.path="$DATA"
+echo "== recipe 3/6 self-generated trajectories: the base model answers $PROMPTS train prompts"
+"$PY" -m evals.trajectories --run_dir "$RUN/base" --output "$RUN/trajectories" num_prompts="$PROMPTS" \
+  ${TRAJ_EXTRA[@]+"${TRAJ_EXTRA[@]}"}
+echo "== recipe 4/6 tokenize them with the same tokenizer"
+if [ ! -f "$RUN/trajectories_data/manifest.json" ]; then
+  "$PY" -m pipelines.preprocess --dataset dmax_trajectories --input "$RUN/trajectories/part-*" \
+    --output "$RUN/trajectories_data" --tokenizer "$DATA/tokenizer.json" --prompt_suffix '' \
+    --num_shards 2 --validation_fraction "${TRAJ_VALIDATION:-0.05}"
+fi
+echo "== recipe 5/6 OPUT from the block-diffusion model: $OPUT_CONFIG, $OPUT_STEPS steps"
+train "$RUN/oput" "$OPUT_CONFIG" "$OPUT_STEPS" data.path="$RUN/trajectories_data" train.init_from_run="$RUN/base"
+echo "== recipe 6/6 evaluate both (perplexity bound; one-token, threshold and SPD decoding)"
+[ "${EVALS:-1}" = 0 ] && exit 0
+for run in base oput; do
+  "$PY" -m evals --run_dir "$RUN/$run" --once gen_ppl_run_dir="$RUN/judge" data_path="$DATA" wandb_mode=offline \
+    ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"}
+done
+echo "reports: $RUN/base/evals/report.html  $RUN/oput/evals/report.html"

@@ -1,0 +1,113 @@
+"""Self-generated trajectories: deterministic, resumable without losing or duplicating a row, and
+tokenized back by the preprocess job with the same meaning; OPUT starts from a bd3lm run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evals import trajectories
+from evals.trajectories import TrajectoriesConfig
+from pipelines import preprocess
+from tests.conftest import TINY_MODEL
+from trainer import config as config_lib
+from trainer import data, train
+from trainer.checkpoint import TopologyError
+
+SMALL = ["num_prompts=10", "prompt_tokens=6", "batch_size=4", "rows_per_part=4", "sampling.gen_length=24",
+         "keep_unfinished=true"]
+
+
+def make(run_dir, output, *overrides):
+    cfg = config_lib.load_into(TrajectoriesConfig(), None, [*SMALL, *overrides])
+    return trajectories.generate_trajectories(str(run_dir), str(output), cfg)
+
+
+def rows_of(output) -> list[dict]:
+    return [json.loads(line) for part in sorted(output.glob("part-*.jsonl")) for line in part.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(bd3lm_run, tmp_path_factory):
+    output = tmp_path_factory.mktemp("trajectories") / "straight"
+    return make(bd3lm_run, output), output
+
+
+def test_trajectories_are_deterministic_and_described(straight, bd3lm_run, tmp_path):
+    result, output = straight
+    again = make(bd3lm_run, tmp_path / "again")
+    assert rows_of(tmp_path / "again") == rows_of(output) and len(rows_of(output)) == result["rows"] == 10
+    assert result["files"] == again["files"] and len(result["files"]) == 3  # 10 prompts in parts of 4
+    sidecar = json.loads((output / "trajectories.json").read_text())
+    assert sidecar["model"]["step"] == 40 and sidecar["model"]["objective"] == "bd3lm"
+    assert sidecar["sampler"] == "threshold" and sidecar["settings"]["sampling"]["gen_length"] == 24
+    row = rows_of(output)[0]
+    assert set(row) == {"question", "answer"} and row["question"] and row["answer"]
+
+
+def test_a_killed_job_resumes_without_losing_or_duplicating_rows(straight, bd3lm_run, tmp_path, monkeypatch):
+    _, reference = straight
+    output = tmp_path / "killed"
+    real, calls = trajectories.decode_part, []
+
+    def dies_on_the_second_part(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            (output / ".part-00001-of-00003.jsonl.tmp-dead").write_text('{"question": "half')  # a torn write
+            raise KeyboardInterrupt  # the job is killed here
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trajectories, "decode_part", dies_on_the_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        make(bd3lm_run, output)
+    assert not (output / "trajectories.json").exists() and len(list(output.glob("part-*"))) == 1
+    monkeypatch.setattr(trajectories, "decode_part", real)
+    calls.clear()
+    resumed = make(bd3lm_run, output)
+    assert rows_of(output) == rows_of(reference) and resumed["rows"] == 10  # same rows, once each
+    assert make(bd3lm_run, output) == resumed  # finished: nothing is redone
+    with pytest.raises(config_lib.ConfigError, match="other settings"):
+        make(bd3lm_run, output, "sampling.threshold=0.5")
+
+
+def test_trajectories_round_trip_through_preprocess(straight, tiny_dataset, tmp_path):
+    _, output = straight
+    out = tmp_path / "data"
+    assert preprocess.main(["--dataset", "dmax_trajectories", "--input", str(output / "part-*.jsonl"),
+                            "--output", str(out), "--tokenizer", str(tiny_dataset / "tokenizer.json"),
+                            "--prompt_suffix", "", "--num_shards", "1", "--validation_fraction", "0"]) == 0
+    manifest = data.load_manifest(str(out))
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    decoded = set()
+    for doc in data.documents(str(out), manifest, "train"):
+        prompt_len = int(doc["prompt_len"])
+        decoded.add((tokenizer.decode(doc["tokens"][:prompt_len].tolist()),
+                     tokenizer.decode(doc["tokens"][prompt_len:].tolist())))
+    assert decoded == {(r["question"], r["answer"]) for r in rows_of(output)}
+    # The prompts are exactly the documents' first tokens: the cut fell between pre-tokens.
+    assert all(len(doc["tokens"][:int(doc["prompt_len"])]) == 6 for doc in data.documents(str(out), manifest, "train"))
+
+
+def test_oput_starts_from_a_bd3lm_run_only_when_tokenizer_and_blocks_match(bd3lm_run, trajectory_dataset, straight,
+                                                                         tiny_dataset, tmp_path):
+    _, output = straight
+    own = tmp_path / "own"
+    assert preprocess.main(["--dataset", "dmax_trajectories", "--input", str(output / "part-*.jsonl"),
+                            "--output", str(own), "--tokenizer", str(tiny_dataset / "tokenizer.json"),
+                            "--prompt_suffix", "", "--num_shards", "1", "--validation_fraction", "0"]) == 0
+    common = [*TINY_MODEL, "objective.name=oput", "train.steps=2", "train.checkpoint_every=2",
+              f"train.init_from_run={bd3lm_run}", "data.seq_len=32", "objective.supervised_eos=4"]
+    cfg = config_lib.load(None, [*common, f"data.path={own}", f"run_dir={tmp_path / 'oput'}", "objective.block_size=8"])
+    assert train.run(cfg) == 0
+    wrong_blocks = config_lib.load(None, [*common, f"data.path={own}", f"run_dir={tmp_path / 'b'}",
+                                          "objective.block_size=16"])
+    with pytest.raises(TopologyError, match="block_size=8"):
+        train.run(wrong_blocks)
+    other_tokenizer = config_lib.load(None, [*common, f"data.path={trajectory_dataset}", f"run_dir={tmp_path / 't'}",
+                                             "objective.block_size=8", "model.vocab_size=0"])
+    with pytest.raises(TopologyError, match="another tokenizer|model.vocab_size"):
+        train.run(other_tokenizer)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "t").exists()  # refused before writing anything
