@@ -42,8 +42,13 @@ SHARED = ROOT.parent / "shared" / "data" / "tinystories" / "TinyStoriesV2-GPT4-v
 PROMPT_LEN = 16
 
 
-def run(*args: str, env: dict | None = None) -> None:
-    subprocess.run([sys.executable, *args], check=True, capture_output=True, cwd=ROOT, env=env)
+def run(*command: str, env: dict | None = None) -> None:
+    """Runs a stage (`-m module ...` with this Python, else a program); on failure its last error
+    lines end the benchmark."""
+    command = (sys.executable, *command) if command[0] == "-m" else command
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    if result.returncode:
+        sys.exit(f"{' '.join(command[:3])} failed: {' | '.join(result.stderr.strip().splitlines()[-3:])}")
 
 
 def make_runs(tmp: str, args) -> dict[str, str]:
@@ -53,19 +58,22 @@ def make_runs(tmp: str, args) -> dict[str, str]:
         run("-m", "pipelines.corpus", "--output", source, "--num_stories", "5000", "--seed", "0")
     else:
         source = str(SHARED)
-    run("-m", "pipelines.preprocess", "--dataset", "tinystories", "--input", source, "--output", f"{tmp}/data",
-        "--vocab_size", "4096", "--num_shards", "4")
+    run("-m", "pipelines.preprocess", "--dataset", "tinystories", "--input", source, "--output",
+        f"{tmp}/data", "--vocab_size", "4096", "--num_shards", "4")
     recipe = f"{tmp}/recipe"
     env = {**os.environ, "DATA": f"{tmp}/data", "RUN": recipe, "PYTHON": sys.executable, "EVALS": "0",
            "BASE_STEPS": str(args.steps), "JUDGE_STEPS": str(args.steps), "PROMPTS": str(args.prompts),
-           "OPUT_STEPS": str(args.oput_steps), "TRAIN_ARGS": "wandb.mode=disabled"}
-    subprocess.run(["bash", "recipes/dmax.sh"], check=True, capture_output=True, cwd=ROOT, env=env)
+           "OPUT_STEPS": str(args.oput_steps), "TRAIN_ARGS": "wandb.mode=disabled",
+           # Real stories run past the 128-token rows: keep their cut answers (the row cut drops their EOS).
+           "TRAJ_ARGS": "keep_unfinished=true" if args.corpus == "shared" else ""}
+    run("bash", "recipes/dmax.sh", env=env)
     runs = {"base": f"{recipe}/base", "judge": f"{recipe}/judge", "oput_seed0": f"{recipe}/oput"}
     for seed in range(1, args.seeds):
         runs[f"oput_seed{seed}"] = f"{recipe}/oput_seed{seed}"
-        run("-m", "trainer", "--config", "configs/tinystories_tiny_oput.yaml", f"run_dir={runs[f'oput_seed{seed}']}",
-            f"data.path={recipe}/trajectories_data", f"train.init_from_run={recipe}/base", f"seed={seed}",
-            f"train.steps={args.oput_steps}", f"train.checkpoint_every={args.oput_steps}", "wandb.mode=disabled")
+        run("-m", "trainer", "--config", "configs/tinystories_tiny_oput.yaml",
+            f"run_dir={runs[f'oput_seed{seed}']}", f"data.path={recipe}/trajectories_data",
+            f"train.init_from_run={recipe}/base", f"seed={seed}", f"train.steps={args.oput_steps}",
+            f"train.checkpoint_every={args.oput_steps}", "wandb.mode=disabled")
     runs["mdlm"] = f"{tmp}/mdlm"
     run("-m", "trainer", "--config", "configs/tinystories_tiny.yaml", f"run_dir={runs['mdlm']}",
         f"data.path={tmp}/data", f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}",
@@ -98,7 +106,7 @@ def spread(tables: list[dict]) -> dict:
         rows[name] = {key: {"min": min(v), "median": statistics.median(v), "max": max(v)}
                       for key in ("tokens_per_forward", "gen_ppl", "distinct_2", "tokens_per_s")
                       for v in [[t["rows"][name][key] for t in tables]]}
-    return {"objective": tables[0]["objective"], "seeds": len(tables), "rows": rows}
+    return {"objective": tables[0]["objective"], "revise": tables[0]["revise"], "seeds": len(tables), "rows": rows}
 
 
 def goals(results: dict) -> dict:

@@ -211,6 +211,9 @@ def generate_trajectories(run_dir: str, output: str, cfg: TrajectoriesConfig) ->
         files.append(name)
         rows_total += recorded["rows"]
         dropped_total = {k: dropped_total[k] + recorded["dropped"][k] for k in dropped_total}
+    if not rows_total:
+        raise ConfigError(f"every answer was dropped ({dropped_total}): no answer ended with an EOS within "
+                          f"{sampling_cfg.gen_length} tokens; train the model longer or set keep_unfinished=true")
     result = {"model": {"run_dir": str(run_dir), "step": step, "objective": run_cfg.objective.name,
                         "model": dataclasses.asdict(run_cfg.model)},
               "sampler": names[0], "settings": settings, "settings_hash": tag, "files": files,

@@ -1,0 +1,144 @@
+"""The README's benchmark table, rendered from benchmarks/latest.json (never typed by hand).
+
+    python benchmarks/table.py           # rewrite the table between the README's markers
+    python benchmarks/table.py --check   # exit 1 when the README's table is not what latest.json gives
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- benchmarks:begin (python benchmarks/table.py) -->", "<!-- benchmarks:end -->"
+Row = tuple[str, str, str, str]  # benchmark, figure, baseline, ratio
+
+
+def _m(x: float) -> str:
+    return f"{x / 1e6:.2f}M"
+
+
+def preprocess(r: dict) -> list[Row]:
+    raw = r["raw_encode_batch_tokens_per_s"]
+    rows = [(f"preprocess, {n.split('_')[1]} worker(s), {_m(r['input_tokens_1x'])} tokens",
+             f"{_m(job['tokens_per_s'])} tokens/s", f"`encode_batch` {_m(raw)} tokens/s",
+             f"{job['ratio_vs_raw_encode_batch']}") for n, job in r["job"].items()]
+    rss = r["peak_rss_mib"]
+    return rows + [("preprocess peak RSS, 1x -> 4x input", f"{rss['1x']:.0f} -> {rss['4x']:.0f} MiB", "",
+                    f"{rss['ratio_4x_vs_1x']}")]
+
+
+def train_step(r: dict) -> list[Row]:
+    peak = f"fp32 matmul {r['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s"
+    rows = [(f"train step, {name} ({c['params_m']}M params, {c['tokens_per_step']} tokens/step)",
+             f"{c['model_flops_per_s'] / 1e9:.0f} GFLOP/s", peak, f"{c['mfu_vs_measured_matmul']}")
+            for name, c in r["configs"].items()]
+    loader = r["loader"]
+    rows.append(("Grain packed batches, 0 / 2 workers",
+                 f"{_m(loader['grain_packed_tokens_per_s_workers_0'])} / "
+                 f"{_m(loader['grain_packed_tokens_per_s_workers_2'])} tokens/s",
+                 f"raw ArrayRecord bulk read {_m(loader['raw_arrayrecord_tokens_per_s'])} tokens/s",
+                 f"{loader['ratio_workers_0']} / {loader['ratio_workers_2']}"))
+    scaling = r["device_scaling"]
+    rows.append(("tiny train step on 4 simulated devices (fsdp)", f"{scaling['devices_4_tokens_per_s']} tokens/s",
+                 f"1 device {scaling['devices_1_tokens_per_s']} tokens/s", f"{scaling['ratio_4_vs_1']}"))
+    return rows
+
+
+def _median(value):
+    return value["median"] if isinstance(value, dict) else value
+
+
+def _figure(row: dict) -> str:
+    tpf, ppl = row["tokens_per_forward"], row["gen_ppl"]
+    if isinstance(tpf, dict):
+        return (f"{tpf['median']:.2f} [{tpf['min']:.2f}, {tpf['max']:.2f}] tokens/forward, gen-ppl "
+                f"{ppl['median']:.2f} [{ppl['min']:.2f}, {ppl['max']:.2f}]")
+    return f"{tpf:.2f} tokens/forward, gen-ppl {ppl:.2f}"
+
+
+def decoding(r: dict) -> list[Row]:
+    """Per model: its one-token row, and per parallel sampler the fastest threshold whose gen-ppl
+    is within 1.1x the base model's one-token decoding (the recipe's goal line)."""
+    if "skipped" in r:
+        return [(f"decoding ({r.get('corpus', 'shared')} corpus)", "skipped", r["skipped"], "")]
+    summary, corpus = r["summary"], r["corpus"]
+    reference = summary["base"]["rows"]["one_token"]["gen_ppl"]
+    rows = []
+    for model, table in summary.items():
+        names = table["rows"]
+        samplers = dict.fromkeys(n.split("@")[0] for n in names)
+        for sampler in samplers:
+            options = [n for n in names if n.split("@")[0] == sampler]
+            within = [n for n in options if _median(names[n]["gen_ppl"]) <= 1.1 * reference] or options
+            best = max(within, key=lambda n: _median(names[n]["tokens_per_forward"]))
+            seeds = f", {table['seeds']} seeds" if "seeds" in table else ""
+            rows.append((f"decoding ({corpus}): {model} {best}{seeds}", _figure(names[best]),
+                         f"base one-token gen-ppl {reference:.2f}",
+                         f"{_median(names[best]['gen_ppl']) / reference:.2f}"))
+    for name, goal in r["goals"].items():
+        rows.append((f"decoding ({corpus}) goal: {goal['goal']}", f"{goal['tokens_per_forward']}",
+                     f"best: {goal.get('best_row', goal.get('best_rows'))}", "met" if goal["met"] else "not met"))
+    return rows
+
+
+def quality(r: dict) -> list[Row]:
+    if "skipped" in r:
+        return [("equal-budget perplexity", "skipped", r["skipped"], "")]
+    ar = r["results"]["ar"]["perplexity"]
+    return [(f"equal-budget validation perplexity ({r['steps']} steps), {name}",
+             f"{'<= ' if row['kind'] == 'bound' else ''}{row['perplexity']:.2f}", f"AR {ar:.2f}", f"{row['vs_ar']}")
+            for name, row in r["results"].items() if name != "ar"]
+
+
+def oput(r: dict) -> list[Row]:
+    spd = {name: row["spd"] for name, row in r["results"].items()}
+    return [
+        ("OPUT on DMax data: SPD tokens/forward, OPUT vs plain MDLM fine-tune",
+         f"{spd['oput']['tokens_per_forward']}", f"{spd['mdlm']['tokens_per_forward']}",
+         f"{r['tokens_per_forward_oput_over_mdlm']}"),
+        ("OPUT on DMax data: SPD gen-ppl, OPUT vs plain MDLM fine-tune", f"{spd['oput']['gen_ppl']}",
+         f"{spd['mdlm']['gen_ppl']}", f"{r['gen_ppl_oput_over_mdlm']}"),
+        ("OPUT on DMax data: SPD tokens/forward, OPUT vs no rollout", f"{spd['oput']['tokens_per_forward']}",
+         f"{spd['block']['tokens_per_forward']}", f"{r['tokens_per_forward_oput_over_block']}"),
+    ]
+
+
+RENDER = {"preprocess": preprocess, "train_step": train_step, "decoding": decoding, "decoding_shared": decoding,
+          "quality": quality, "oput": oput}
+
+
+def render(latest: dict) -> str:
+    lines = [f"From `benchmarks/latest.json` ({latest['date']}, {latest['machine']}"
+             f"{', quick' if latest.get('quick') else ''}):", "",
+             "| benchmark | figure | baseline | ratio |", "|---|---|---|---|"]
+    for name, result in latest["results"].items():
+        if "error" in result:
+            lines.append(f"| {name} | failed | {' '.join(result['error'])} | |")
+            continue
+        lines += [f"| {' | '.join(cells)} |" for cells in RENDER[name](result)]
+    return "\n".join(lines)
+
+
+def readme_table(readme: str) -> str:
+    return readme[readme.index(BEGIN) + len(BEGIN):readme.index(END)].strip()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="Only compare; exit 1 when they differ.")
+    args = parser.parse_args()
+    table = render(json.loads((ROOT / "benchmarks" / "latest.json").read_text()))
+    readme_path = ROOT / "README.md"
+    readme = readme_path.read_text()
+    if args.check:
+        return 0 if readme_table(readme) == table else 1
+    start, end = readme.index(BEGIN) + len(BEGIN), readme.index(END)
+    readme_path.write_text(f"{readme[:start]}\n{table}\n{readme[end:]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
