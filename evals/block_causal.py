@@ -61,7 +61,7 @@ def spd_pass(logits_BKV, key, tokens_BK, masked_BK, in_a_BK, active_B, cfg: Samp
     none = ~newly.any(1) & masked_BK.any(1)
     newly = (newly | (none[:, None] & (index == leftmost[:, None]))) & active_B[:, None]
     decoded_before = in_a_BK & ~masked_BK & active_B[:, None]
-    revise = cfg.revise != "no"
+    revise = cfg.revise != "no"  # "auto" left unresolved (no objective known) is DMax's rule: revise
     tokens = jnp.where(newly | (decoded_before & revise), x0, tokens_BK)  # drafts stay revisable
     masked = masked_BK & ~newly
     changed = (tokens != tokens_BK).any(1)

@@ -11,6 +11,7 @@ positions only) carries a decoded token over, as its parameterisation defines.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -25,7 +26,7 @@ REVISING = ("oput",)  # objectives whose loss covers every position, not only th
 
 
 class Sampler(NamedTuple):
-    build: object  # a program builder (see decoding.program)
+    build: Callable  # a program builder (see decoding.program)
     attention: str  # BLOCK_CAUSAL | FULL
     one_token: bool  # commits exactly one token per forward: the quality reference
 

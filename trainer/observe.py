@@ -44,8 +44,14 @@ class MetricsLog:
         self._path = epath.Path(run_dir) / "metrics.jsonl"
         self._lines: list[str] = []
         if self._path.exists():
-            self._lines = [line for line in self._path.read_text().splitlines()
-                           if line and json.loads(line)["step"] <= resume_step]
+            for line in self._path.read_text().splitlines():
+                try:
+                    step = json.loads(line)["step"] if line.strip() else None
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    print(f"warning: dropped a damaged line of {self._path}: {line[:60]!r}")
+                    continue
+                if step is not None and step <= resume_step:
+                    self._lines.append(line)
         self._path.write_text("".join(line + "\n" for line in self._lines))
         # Object stores (gs://) cannot append: there each write replaces the whole file.
         self._append = "://" not in str(self._path)

@@ -248,8 +248,10 @@ def run(cfg: Config) -> int:
     try:
         for step in range(start, cfg.train.steps):
             if preemption.requested:
-                save(step, state, iterator, force=True)
                 mngr.wait_until_finished()
+                if step not in mngr.all_steps():  # the step just checkpointed needs no second save
+                    save(step, state, iterator, force=True)
+                    mngr.wait_until_finished()
                 print(f"preempted: checkpoint saved at step {step}")
                 return PREEMPTED_EXIT_CODE
             batch = next(iterator)

@@ -1,0 +1,69 @@
+"""Nothing lost, nothing silently wrong: concurrent evaluators, damaged lines, preemption right
+after a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from evals.ledger import Ledger
+from trainer import config as config_lib
+from trainer import train
+
+APPEND_STEPS = """
+import sys
+from evals.ledger import Ledger
+ledger = Ledger(sys.argv[1])
+for step in range(int(sys.argv[2]), int(sys.argv[3])):
+    ledger.append({"step": step, "perplexity": {}, "payload": "x" * 2000})
+"""
+
+
+def test_concurrent_evaluators_lose_no_ledger_line(tmp_path):
+    workers = [subprocess.Popen([sys.executable, "-c", APPEND_STEPS, str(tmp_path), str(i * 50), str(i * 50 + 50)])
+               for i in range(4)]
+    assert all(w.wait(timeout=300) == 0 for w in workers)
+    lines = [json.loads(line) for line in (tmp_path / "evals" / "ledger.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(200))  # every step once, in order
+    assert Ledger(str(tmp_path)).steps() == set(range(200))
+
+
+def test_a_damaged_ledger_entry_is_skipped_with_a_warning(tmp_path, capsys):
+    ledger = Ledger(str(tmp_path))
+    ledger.append({"step": 10, "perplexity": {}})
+    with (tmp_path / "evals" / "ledger.jsonl").open("a") as f:
+        f.write('{"step": 20, "perplex\n')  # a torn line
+    (tmp_path / "evals" / "steps" / "000000000030.json").write_text("garbage")
+    assert ledger.steps() == {10}
+    assert capsys.readouterr().out.count("warning: skipped a damaged ledger entry") == 2
+    ledger.append({"step": 20, "perplexity": {}})  # the step is evaluated again and recorded
+    assert [json.loads(x)["step"] for x in (tmp_path / "evals" / "ledger.jsonl").read_text().splitlines()] == [10, 20]
+
+
+def test_a_damaged_metrics_line_does_not_stop_a_resume(tiny_overrides, tmp_path, capsys):
+    cfg = config_lib.load(None, [*tiny_overrides, "train.steps=2", "train.checkpoint_every=2"])
+    assert train.run(cfg) == 0
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "lo')  # a crash mid-write
+    resumed = config_lib.load(None, [*tiny_overrides, "train.steps=4", "train.checkpoint_every=2"])
+    assert train.run(resumed) == 0
+    assert "dropped a damaged line" in capsys.readouterr().out
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_sigterm_right_after_a_checkpoint_exits_143_with_it(tiny_overrides, tmp_path, monkeypatch):
+    class AfterTheCheckpoint:  # SIGTERM arrives as the step after checkpoint 2 begins
+        def __init__(self):
+            self.polls = 0
+
+        @property
+        def requested(self):
+            self.polls += 1
+            return self.polls == 3
+
+    monkeypatch.setattr(train, "_Preemption", AfterTheCheckpoint)
+    cfg = config_lib.load(None, [*tiny_overrides, "train.steps=6", "train.checkpoint_every=2"])
+    assert train.run(cfg) == train.PREEMPTED_EXIT_CODE
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
