@@ -21,7 +21,6 @@ The frontier (tokens per forward vs gen-ppl, one curve per model and sampler) is
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import pathlib
 import platform
@@ -89,12 +88,10 @@ def decode_table(run_dir: str, prompt, ids, judge, thresholds: list[float], gen_
     _, base = sampling.plan(",".join(names), base, run_cfg)
     rows = {}
     for name in names:
-        for threshold in [None] if sampling.is_one_token(name, base) else thresholds:
-            cfg = base if threshold is None else dataclasses.replace(base, threshold=threshold)
-            out = sampling.generate(name, *model, prompt, cfg, ids["mask"], ids["eos"], jax.random.key(0))
+        for spec in [name] if sampling.is_one_token(name, base) else [f"{name}@{t}" for t in thresholds]:
+            out = sampling.generate(spec, *model, prompt, base, ids["mask"], ids["eos"], jax.random.key(0))
             row = quality.sampler_metrics(out, PROMPT_LEN, ids["eos"], judge)
-            rows[name if threshold is None else f"{name}@{threshold}"] = {
-                k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+            rows[spec] = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
     return {"objective": run_cfg.objective.name, "block_length": base.block_length, "revise": base.revise,
             "rows": rows}
 

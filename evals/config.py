@@ -38,7 +38,7 @@ class SamplingConfig:
 class EvalConfig:
     perplexity: PerplexityConfig = dataclasses.field(default_factory=PerplexityConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
-    samplers: str = "auto"  # comma-separated sampler names, or auto = those matched to the run's objective
+    samplers: str = "auto"  # comma-separated names (name@threshold for one setting), or auto = matched to the objective
     # A preprocess output (same tokenizer) whose validation split is scored and gives the prompts
     # ("" = the run's data.path); an OPUT run on self-generated trajectories is scored on real text.
     data_path: str = ""

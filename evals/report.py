@@ -112,9 +112,12 @@ def render(records: list[dict[str, Any]], run_dir: str) -> str:
         samplers = latest["samplers"]
         parts += [f"<h2>Samplers at step {latest['step']}: speed and quality</h2>",
                   _sampler_table(samplers, latest.get("quality_reference"))]
-        scored = {name: [(m["tokens_per_forward"], m["gen_ppl"])] for name, m in samplers.items() if "gen_ppl" in m}
+        scored: dict[str, list[tuple[float, float]]] = {}  # one curve per sampler through its thresholds
+        for name, m in samplers.items():
+            if "gen_ppl" in m:
+                scored.setdefault(name.split("@")[0], []).append((m["tokens_per_forward"], m["gen_ppl"]))
         if scored:
-            parts.append(plot(scored, "tokens per forward", "gen-ppl (AR judge)", lines=False))
+            parts.append(plot({k: sorted(v) for k, v in scored.items()}, "tokens per forward", "gen-ppl (AR judge)"))
         for name, samples in latest.get("samples_by_sampler", {"spd": latest.get("samples", [])}).items():
             parts += [f"<h2>Latest samples: {html.escape(name)}</h2>",
                       *[f'<div class="sample">{html.escape(s)}</div>' for s in samples]]

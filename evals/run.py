@@ -95,20 +95,22 @@ class Evaluator:
         for name in self.samplers:
             out = sampling.generate(name, graphdef, params, prompt, s, mask, eos, jax.random.key(s.seed))
             metrics = {"matched": sampling.is_matched(name, self.run_cfg.objective.name),
-                       "attention": sampling.SAMPLERS[name].attention,
+                       "attention": sampling.sampler_of(name).attention,
                        **quality.sampler_metrics(out, s.prompt_tokens, eos, self.reference)}
             samplers[name], outputs[name] = metrics, out
             seconds[name] = out.seconds
-        if "spd" in outputs and "spd_cached" in outputs:
-            # Equal by construction, but the two programs multiply matrices of different shapes, so a
-            # near-tie in a trained model can round differently: measured, not assumed.
-            same = outputs["spd"].tokens[:, s.prompt_tokens:] == outputs["spd_cached"].tokens[:, s.prompt_tokens:]
-            samplers["spd"]["agreement_with_spd_cached"] = float(same.mean())
+        for name in outputs:
+            twin = name.replace("spd", "spd_cached", 1)
+            if sampling.parse(name)[0] == "spd" and twin in outputs:
+                # Equal by construction, but the two programs multiply matrices of different shapes, so
+                # a near-tie in a trained model can round differently: measured, not assumed.
+                same = outputs[name].tokens[:, s.prompt_tokens:] == outputs[twin].tokens[:, s.prompt_tokens:]
+                samplers[name]["agreement_with_spd_cached"] = float(same.mean())
         reference = next((n for n in outputs if sampling.is_one_token(n, s)), None)
         if reference is not None and self.reference is not None:
             for metrics in samplers.values():
                 metrics["gen_ppl_vs_reference"] = metrics["gen_ppl"] / samplers[reference]["gen_ppl"]
-        traced = next((n for n in ("spd_cached", "spd") if n in outputs), next(iter(outputs)))
+        traced = next((n for n in outputs if sampling.parse(n)[0] in ("spd_cached", "spd")), next(iter(outputs)))
         shown = outputs[traced]
         return {
             "samplers": samplers,

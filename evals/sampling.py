@@ -54,20 +54,34 @@ def matched(objective: str) -> tuple[str, ...]:
     return MATCHED[attention_of(objective)]
 
 
-def is_matched(name: str, objective: str) -> bool:
-    return SAMPLERS[name].attention == attention_of(objective)
+def parse(spec: str) -> tuple[str, float | None]:
+    """A sampler spec: its name, or `name@threshold` for one of several threshold settings."""
+    name, _, threshold = spec.partition("@")
+    return name, float(threshold) if threshold else None
 
 
-def is_one_token(name: str, cfg: SamplingConfig) -> bool:
+def sampler_of(spec: str) -> Sampler:
+    return SAMPLERS[parse(spec)[0]]
+
+
+def is_matched(spec: str, objective: str) -> bool:
+    return sampler_of(spec).attention == attention_of(objective)
+
+
+def is_one_token(spec: str, cfg: SamplingConfig) -> bool:
     """Whether the sampler commits exactly one token per forward: the quality reference."""
+    name = parse(spec)[0]
     return SAMPLERS[name].one_token or (name == "remask" and cfg.remask_steps in (0, cfg.gen_length))
 
 
-def generate(name: str, graphdef, params, prompt_BP: np.ndarray, cfg: SamplingConfig, mask_id: int, eos_id: int,
+def generate(spec: str, graphdef, params, prompt_BP: np.ndarray, cfg: SamplingConfig, mask_id: int, eos_id: int,
              key: jax.Array) -> decoding.Samples:
-    """Decodes `gen_length` tokens after each prompt with the named sampler (compiled once per
-    model structure and settings)."""
+    """Decodes `gen_length` tokens after each prompt with the sampler `name` or `name@threshold`
+    (compiled once per model structure and settings)."""
+    name, threshold = parse(spec)
     sampler = SAMPLERS[name]
+    if threshold is not None:
+        cfg = dataclasses.replace(cfg, threshold=threshold)
     if sampler.one_token:
         cfg = dataclasses.replace(cfg, threshold=2.0)  # unreachable: the most confident token only
     build = decoding.program(sampler.build, graphdef, params, prompt_BP.shape, cfg, mask_id, eos_id)
@@ -75,18 +89,19 @@ def generate(name: str, graphdef, params, prompt_BP: np.ndarray, cfg: SamplingCo
 
 
 def plan(names: str, cfg: SamplingConfig, run_cfg: Config) -> tuple[list[str], SamplingConfig]:
-    """(sampler names, settings with the block size resolved) for a run; ConfigError on a bad choice.
+    """(sampler specs, settings with the block size resolved) for a run; ConfigError on a bad choice.
 
-    `names` is comma-separated or "auto" (the samplers matched to the run's objective). The
-    generation stays within the length the model was trained on (data.seq_len)."""
+    `names` is comma-separated specs (`name` or `name@threshold`, e.g. `spd_cached@0.5`) or "auto"
+    (the samplers matched to the run's objective). The generation stays within the length the
+    model was trained on (data.seq_len)."""
     objective = run_cfg.objective.name
     if objective == "ar":  # AR runs are scored by their exact perplexity only
         return [], cfg
     chosen = list(matched(objective)) if names == "auto" else [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in SAMPLERS]
+    unknown = [n for n in chosen if not _valid(n)]
     if unknown or not chosen:
         raise ConfigError(f"samplers {names!r}: unknown {unknown or 'empty list'} (known: {', '.join(SAMPLERS)}, "
-                          f"or auto)")
+                          f"each optionally @threshold, or auto)")
     if not cfg.block_length:
         cfg = dataclasses.replace(cfg, block_length=run_cfg.objective.block_size if objective in BLOCK_DIFFUSION
                                   else 32)
@@ -96,7 +111,7 @@ def plan(names: str, cfg: SamplingConfig, run_cfg: Config) -> tuple[list[str], S
     if cfg.prompt_tokens + cfg.gen_length > trained:
         raise ConfigError(f"sampling.prompt_tokens + sampling.gen_length = {cfg.prompt_tokens + cfg.gen_length} "
                           f"exceeds the {trained} positions the model was trained on (data.seq_len)")
-    if any(SAMPLERS[n].attention == FULL for n in chosen):
+    if any(sampler_of(n).attention == FULL for n in chosen):
         blocks = cfg.gen_length // cfg.block_length
         if cfg.gen_length % cfg.block_length:
             raise ConfigError(f"sampling.gen_length {cfg.gen_length} must be a multiple of sampling.block_length "
@@ -104,3 +119,11 @@ def plan(names: str, cfg: SamplingConfig, run_cfg: Config) -> tuple[list[str], S
         if cfg.remask_steps % blocks:
             raise ConfigError(f"sampling.remask_steps must be 0 or a multiple of the number of blocks ({blocks})")
     return chosen, cfg
+
+
+def _valid(spec: str) -> bool:
+    try:
+        name, threshold = parse(spec)
+    except ValueError:
+        return False
+    return name in SAMPLERS and (threshold is None or threshold > 0)

@@ -157,6 +157,9 @@ def test_samplers_follow_the_objective_and_refuse_impossible_settings(tiny_datas
     names, resolved = sampling.plan("auto", cfg, run)
     assert names == ["one_token", "threshold", "spd", "spd_cached"] and resolved.block_length == 16
     assert sampling.plan("remask,spd", cfg, run)[0] == ["remask", "spd"]
+    assert sampling.plan("spd_cached@0.5,one_token", cfg, run)[0] == ["spd_cached@0.5", "one_token"]
+    with pytest.raises(config_lib.ConfigError, match="unknown"):
+        sampling.plan("spd@fast", cfg, run)
     assert not sampling.is_matched("remask", "bd3lm") and sampling.is_matched("spd", "oput")
     with pytest.raises(config_lib.ConfigError, match="unknown"):
         sampling.plan("spd,nope", cfg, run)
@@ -344,9 +347,26 @@ def test_once_on_a_bd3lm_run_uses_the_block_causal_samplers_and_its_bound(bd3lm_
     import shutil
 
     shutil.rmtree(bd3lm_run / "evals")
-    assert cli.main(["--run_dir", str(bd3lm_run), "--once", *EVAL_SMALL, "samplers=one_token,remask"]) == 0
+    assert cli.main(["--run_dir", str(bd3lm_run), "--once", *EVAL_SMALL,
+                     "samplers=one_token,threshold@0.2,threshold@0.9,remask"]) == 0
     record = json.loads((bd3lm_run / "evals" / "ledger.jsonl").read_text().splitlines()[-1])
+    assert list(record["samplers"]) == ["one_token", "threshold@0.2", "threshold@0.9", "remask"]
     assert record["samplers"]["one_token"]["matched"] and not record["samplers"]["remask"]["matched"]
+    fast, careful = record["samplers"]["threshold@0.2"], record["samplers"]["threshold@0.9"]
+    assert fast["forwards_per_sequence"] <= careful["forwards_per_sequence"]  # a lower threshold commits more
     assert "mismatched<" in (bd3lm_run / "evals" / "report.html").read_text()
     assert cli.main(["--run_dir", str(bd3lm_run), "--once", *EVAL_SMALL, "samplers=spd,bogus"]) == 2
     assert "unknown ['bogus']" in capsys.readouterr().err
+
+
+def test_the_report_draws_each_samplers_frontier_with_labelled_axes():
+    from evals import report
+
+    samplers = {"one_token": {"tokens_per_forward": 1.0, "gen_ppl": 5.0, "attention": "block_causal"},
+                "threshold@0.5": {"tokens_per_forward": 3.0, "gen_ppl": 6.0, "attention": "block_causal"},
+                "threshold@0.9": {"tokens_per_forward": 2.0, "gen_ppl": 5.1, "attention": "block_causal"}}
+    page = report.render([{"step": 5, "perplexity": {"ppl_bound": 9.0}, "samplers": samplers},
+                          {"step": 10, "perplexity": {"ppl_bound": 4.0}, "samplers": samplers}], "run")
+    assert page.count("<polyline") == 2  # the bound over steps, and the threshold sampler through its settings
+    assert "tokens per forward" in page and "gen-ppl (AR judge)" in page and "training step" in page
+    assert ">threshold</text>" in page and ">one_token</text>" in page  # legend entries
