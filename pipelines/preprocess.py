@@ -11,6 +11,9 @@ runner, the worker count or arrival order.
 
 from __future__ import annotations
 
+import fnmatch
+import os
+import pathlib
 import re
 import sys
 import tempfile
@@ -302,6 +305,26 @@ def plan(config: PreprocessConfig) -> tuple[list[sources.WorkUnit], list[str]]:
     return sources.plan_file_units(files, config.read_chunk_bytes), [path for path, _ in files]
 
 
+def check_output(config: PreprocessConfig) -> None:
+    """The output must be a usable directory outside every input glob: checked before any work."""
+    # Files the job writes: an input glob that matches one would read the job's output back in.
+    written = [manifest.MANIFEST, manifest.TOKENIZER, manifest.DEAD_LETTER, "train-00000-of-00001.array_record"]
+    for pattern in config.input_patterns:
+        caught = [name for name in written if fnmatch.fnmatch(storage.join(config.output, name), pattern)]
+        if caught:
+            raise UserError(f"--input {pattern} would read the job's own output ({caught[0]} in --output "
+                            f"{config.output}): put the output outside the input folder")
+    if "://" in config.output:
+        return
+    path = pathlib.Path(config.output).absolute()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output {config.output} is a file, not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())  # what the job will create under
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output {config.output} cannot be created or written ({existing} is not a writable "
+                        f"directory)")
+
+
 def prepare_output(config: PreprocessConfig) -> None:
     manifest_path = storage.join(config.output, manifest.MANIFEST)
     if storage.exists(manifest_path):
@@ -320,6 +343,7 @@ def run(config: PreprocessConfig, beam_args: list[str]):
     """Runs the job to completion; returns Beam's PipelineResult."""
     options = pipeline_options(beam_args)
     tokenizer_json = load_given_tokenizer(config)
+    check_output(config)
     units, sources_read = plan(config)
     prepare_output(config)
     pipeline = beam.Pipeline(options=options)

@@ -81,7 +81,13 @@ def special_ids(tokenizer: Tokenizer, mask_token: str | None = None, source: str
             f"{', '.join(_CANDIDATES['eos'])}); add one as a special token"
         )
     pad = find("pad")
-    return SpecialIds(pad=eos if pad is None else pad, bos=find("bos"), eos=eos, mask=mask)
+    ids = SpecialIds(pad=eos if pad is None else pad, bos=find("bos"), eos=eos, mask=mask)
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    outside = {role: i for role, i in ids._asdict().items() if i is not None and not 0 <= i < size}
+    if outside:
+        raise UserError(f"tokenizer {source} has special ids outside its {size}-token vocabulary ({outside}): "
+                        f"add them as tokens of the vocabulary")
+    return ids
 
 
 def sha256(tokenizer_json: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -137,7 +138,8 @@ def test_given_tokenizer_is_used_and_declared(stories_out, story_file, tmp_path)
         assert a == [f[0].tolist() for f in decoded_records(tmp_path / "o", split)]
 
 
-def _tokenizer_json(specials: list[str], path) -> str:
+def _tokenizer_json(specials: list[str], path, mask_id: int | None = None) -> str:
+    """A small BPE with these special tokens; `mask_id` moves <|mask|> to that id (out of range)."""
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -145,7 +147,13 @@ def _tokenizer_json(specials: list[str], path) -> str:
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(["a small story"], trainers.BpeTrainer(
         vocab_size=300, special_tokens=specials, show_progress=False))
-    tok.save(str(path))
+    spec = json.loads(tok.to_str())
+    if mask_id is not None:
+        for added in spec["added_tokens"]:
+            if added["content"] == "<|mask|>":
+                added["id"] = mask_id
+        spec["model"]["vocab"]["<|mask|>"] = mask_id
+    pathlib.Path(path).write_text(json.dumps(spec))
     return str(path)
 
 
@@ -306,7 +314,17 @@ def test_input_errors_are_one_line_exit_2_and_write_nothing(tmp_path, story_file
     assert "has no mask token" in _user_error(capsys, *base, "--input", story_file, "--tokenizer", no_mask)
     assert "--validation_fraction" in _user_error(capsys, *base, "--input", story_file,
                                                   "--validation_fraction", 1.5)
+    wide = _tokenizer_json(["<|endoftext|>", "<|mask|>"], tmp_path / "wide.json", mask_id=1000)
+    assert "outside its" in _user_error(capsys, *base, "--input", story_file, "--tokenizer", wide)
     assert not out.exists()
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    assert "is a file, not a directory" in _user_error(capsys, "--dataset", "tinystories", "--input", story_file,
+                                                      "--output", a_file)
+    inside = story_file.parent / "out"  # the input glob would read the job's own files back in
+    assert "would read the job's own output" in _user_error(
+        capsys, "--dataset", "tinystories", "--input", f"{story_file.parent}/*", "--output", inside)
+    assert not inside.exists()
 
 
 def test_existing_manifest_needs_overwrite(story_file, tmp_path, capsys):
