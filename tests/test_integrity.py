@@ -67,3 +67,23 @@ def test_sigterm_right_after_a_checkpoint_exits_143_with_it(tiny_overrides, tmp_
     cfg = config_lib.load(None, [*tiny_overrides, "train.steps=6", "train.checkpoint_every=2"])
     assert train.run(cfg) == train.PREEMPTED_EXIT_CODE
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+
+
+def test_a_shard_with_flipped_bytes_is_caught_by_its_sha256(tiny_dataset, tiny_overrides, tmp_path, capsys):
+    import shutil
+
+    from pipelines import manifest
+    from trainer import __main__ as cli
+
+    damaged = tmp_path / "data"
+    shutil.copytree(tiny_dataset, damaged)
+    shard = damaged / "train-00001-of-00002.array_record"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size, same record count
+    shard.write_bytes(bytes(raw))
+    assert manifest.verify(str(damaged), full=False) == []  # the quick check cannot see it
+    assert manifest.main([str(damaged)]) == 1
+    assert "train-00001-of-00002.array_record does not match the manifest's sha256" in capsys.readouterr().err
+    assert cli.main([*tiny_overrides, f"data.path={damaged}", "train.steps=1"]) == 2
+    assert "does not match the manifest's sha256" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written

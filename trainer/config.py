@@ -45,6 +45,7 @@ class DataConfig:
     num_workers: int = 0  # Grain worker processes (0 = in the trainer process)
     prefetch: int = 2  # batches each worker prepares ahead
     streams: int = 0  # loader streams per global batch, a multiple of the process count (0 = one per process)
+    verify: str = "full"  # shard check at start: full (sha256 of every shard) | quick (record counts)
 
 
 @dataclasses.dataclass
@@ -132,6 +133,7 @@ class Config:
             (0 < d.seq_len <= m.max_seq_len, "data.seq_len", f"must be in [1, model.max_seq_len={m.max_seq_len}]"),
             (d.packing_bins >= 1, "data.packing_bins", "must be at least 1"),
             (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
+            (d.verify in ("full", "quick"), "data.verify", "must be full or quick"),
             (self.objective.name in OBJECTIVES, "objective.name", f"must be one of {', '.join(OBJECTIVES)}"),
             (self.objective.block_size >= 1, "objective.block_size", "must be at least 1"),
             (self.objective.name != "oput" or d.seq_len % max(self.objective.block_size, 1) == 0, "data.seq_len",

@@ -39,8 +39,9 @@ def load_manifest(path: str) -> dict[str, Any]:
     return manifest
 
 
-def check_dataset(path: str, manifest: dict[str, Any], model: ModelConfig) -> None:
-    """Refuses a shard set whose tokenizer or record counts disagree with the manifest or model."""
+def check_dataset(path: str, manifest: dict[str, Any], model: ModelConfig, verify: str = "full") -> None:
+    """Refuses a shard set whose tokenizer, record counts or (verify="full") bytes disagree with the
+    manifest, or whose vocabulary differs from the model's."""
     tok = manifest["tokenizer"]
     if tok["vocab_size"] != model.vocab_size:
         raise DataError(f"model.vocab_size {model.vocab_size} does not match the dataset's "
@@ -61,6 +62,11 @@ def check_dataset(path: str, manifest: dict[str, Any], model: ModelConfig) -> No
             if count != shard["num_records"]:
                 raise DataError(f"{shard_path} holds {count} records but the manifest says "
                                 f"{shard['num_records']}: re-run preprocess")
+            if verify == "full":
+                with epath.Path(shard_path).open("rb") as f:
+                    if hashlib.file_digest(f, "sha256").hexdigest() != shard["sha256"]:
+                        raise DataError(f"{shard_path} does not match the manifest's sha256: the shard is "
+                                        f"corrupt; re-run preprocess (data.verify=quick skips this check)")
 
 
 def special_ids(manifest: dict[str, Any]) -> dict[str, int | None]:

@@ -196,7 +196,7 @@ def run(cfg: Config) -> int:
         if cfg.model.vocab_size < weights_vocab:
             raise hf.WeightsError(f"model.vocab_size {cfg.model.vocab_size} is smaller than vocab_size "
                                   f"{weights_vocab} of {cfg.model.init_from}: use that model's tokenizer")
-    data.check_dataset(cfg.data.path, manifest, cfg.model)
+    data.check_dataset(cfg.data.path, manifest, cfg.model, cfg.data.verify)
     if cfg.train.init_from_run:
         check_init_source(cfg, manifest)
     mask_id = data.special_ids(manifest)["mask"]
