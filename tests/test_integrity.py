@@ -87,3 +87,42 @@ def test_a_shard_with_flipped_bytes_is_caught_by_its_sha256(tiny_dataset, tiny_o
     assert cli.main([*tiny_overrides, f"data.path={damaged}", "train.steps=1"]) == 2
     assert "does not match the manifest's sha256" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_one_trainer_per_run_directory_and_a_dead_holder_is_taken_over(tiny_dataset, tmp_path, capsys):
+    import os
+    import signal
+    import time
+
+    from tests.conftest import TINY_MODEL
+    from trainer import __main__ as cli
+
+    args = [f"data.path={tiny_dataset}", f"run_dir={tmp_path / 'run'}", *TINY_MODEL]
+    holder = subprocess.Popen([sys.executable, "-m", "trainer", *args, "train.steps=100000"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "run" / "config.yaml").exists():
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        err = cli_error(capsys, *args, "train.steps=2")
+        assert f"is in use by the trainer with pid {holder.pid}" in err
+        assert holder.poll() is None  # the holder is untouched
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = json.loads((tmp_path / "run" / ".lock").read_text())  # left behind by kill -9
+    assert lock["pid"] == holder.pid and not os.path.exists(f"/proc/{holder.pid}")
+    assert cli.main([*args, "train.steps=2"]) == 0  # a dead holder's lock is taken over
+    assert "taking over the run lock" in capsys.readouterr().out
+    assert not (tmp_path / "run" / ".lock").exists()  # released at the end
+
+
+def cli_error(capsys, *argv) -> str:
+    from trainer import __main__ as cli
+
+    capsys.readouterr()
+    assert cli.main(list(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    return err[0]

@@ -12,7 +12,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value, nested keys with dots (train.steps=100)")
     args = parser.parse_args(argv)
 
-    from trainer import checkpoint, data, hf, train  # after argparse: --help stays instant
+    from trainer import checkpoint, data, hf, runlock, train  # after argparse: --help stays instant
     from trainer import config as config_lib
 
     try:
@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
 
         cfg.validate(num_devices=jax.device_count(), num_processes=jax.process_count())
         return train.run(cfg)
-    except (config_lib.ConfigError, data.DataError, checkpoint.TopologyError, hf.WeightsError) as e:
+    except (config_lib.ConfigError, data.DataError, checkpoint.TopologyError, hf.WeightsError,
+            runlock.RunLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except train.NonFiniteLoss as e:

@@ -22,7 +22,7 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from trainer import block_diffusion, checkpoint, data, hf, loss, observe, oput, sharding
+from trainer import block_diffusion, checkpoint, data, hf, loss, observe, oput, runlock, sharding
 from trainer import config as config_lib
 from trainer.config import BLOCK_DIFFUSION, Config, ObjectiveConfig, OptimConfig, dump, to_dict
 from trainer.model import Transformer, param_count, train_flops_per_token
@@ -199,10 +199,21 @@ def run(cfg: Config) -> int:
     data.check_dataset(cfg.data.path, manifest, cfg.model, cfg.data.verify)
     if cfg.train.init_from_run:
         check_init_source(cfg, manifest)
+    check_resume(cfg)
+    lock = runlock.RunLock(cfg.run_dir) if jax.process_index() == 0 else None
+    if lock is not None:
+        lock.acquire()  # one trainer per run directory
+    try:
+        return _train(cfg, manifest, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None) -> int:
     mask_id = data.special_ids(manifest)["mask"]
     lead = jax.process_index() == 0  # logs, progress, wandb and config: process 0 only
     run_dir = epath.Path(cfg.run_dir)
-    check_resume(cfg)
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump(cfg))
@@ -281,6 +292,7 @@ def run(cfg: Config) -> int:
                                    ("loss_masked", "loss_on_policy", "replaced_fraction", "truncated_examples")})
                 if lead:
                     metrics_log.write(record)
+                    lock.beat()
                 wandb.log(done, record)
                 bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 window_tokens, window_start = 0, time.perf_counter()

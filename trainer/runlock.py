@@ -1,0 +1,97 @@
+"""RUN/.lock: one trainer per run directory.
+
+The lock names its holder (host, pid, start) and carries a heartbeat the trainer renews as it
+logs. A second trainer on the same run directory refuses in one line naming the holder. A lock
+whose holder is gone is taken over with a warning: on the same host once its process no longer
+runs, from another host once its heartbeat is older than `stale_after` seconds. On local disk the
+lock is created exclusively (O_EXCL); on gs:// it is written and read back, which two trainers
+started within the same moment can both pass (object stores offer no exclusive create here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+
+from etils import epath
+
+LOCK = ".lock"
+
+
+class RunLocked(Exception):
+    """Another live trainer holds the run directory: one line, exit code 2."""
+
+
+class RunLock:
+    def __init__(self, run_dir: str, stale_after: float = 600.0):
+        self._path = epath.Path(run_dir) / LOCK
+        self._stale_after = stale_after
+        self._token = uuid.uuid4().hex
+        self._record = {"host": socket.gethostname(), "pid": os.getpid(), "token": self._token,
+                        "started": time.time()}
+
+    def acquire(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        if self._create():
+            return
+        holder = self._read()
+        if holder is not None and self._alive(holder):
+            raise RunLocked(f"{self._path.parent} is in use by the trainer with pid {holder['pid']} on "
+                            f"{holder['host']} (started {time.ctime(holder['started'])}); stop it or use "
+                            f"another run_dir")
+        who = f"pid {holder['pid']} on {holder['host']}" if holder else "an unreadable lock"
+        print(f"warning: taking over the run lock of {who}, which is no longer running")
+        self._path.unlink(missing_ok=True)
+        if not self._create():
+            raise RunLocked(f"{self._path.parent} was locked by another trainer while this one started")
+
+    def beat(self) -> None:
+        """Renews the heartbeat (a lock that stops beating goes stale for other hosts)."""
+        if self._ours():
+            self._write()
+
+    def release(self) -> None:
+        if self._ours():
+            self._path.unlink(missing_ok=True)
+
+    def _write(self) -> None:
+        self._path.write_text(json.dumps({**self._record, "heartbeat": time.time()}))
+
+    def _create(self) -> bool:
+        """Creates the lock unless one exists; True when this trainer holds it."""
+        if "://" in str(self._path):
+            if self._path.exists():
+                return False
+            self._write()
+            return self._ours()
+        try:
+            fd = os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({**self._record, "heartbeat": time.time()}))
+        return True
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self._path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _ours(self) -> bool:
+        holder = self._read()
+        return holder is not None and holder.get("token") == self._token
+
+    def _alive(self, holder: dict) -> bool:
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(int(holder["pid"]), 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+        return time.time() - float(holder.get("heartbeat", 0)) < self._stale_after
