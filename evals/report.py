@@ -102,11 +102,15 @@ def _trace(trace: dict[str, Any]) -> str:
 
 
 def render(records: list[dict[str, Any]], run_dir: str) -> str:
-    records = sorted(records, key=lambda r: r["step"])
+    failed = [r for r in sorted(records, key=lambda r: r["step"]) if "error" in r]
+    records = sorted((r for r in records if "error" not in r), key=lambda r: r["step"])
     metric = "ppl_bound" if any("ppl_bound" in r["perplexity"] for r in records) else "ar_ppl"
     points = [(r["step"], r["perplexity"][metric]) for r in records if metric in r["perplexity"]]
     parts = [f"<h1>Evaluation of {html.escape(run_dir)}</h1>",
              f"<h2>Validation {metric} vs step</h2>", plot({metric: points}, "training step", metric)]
+    if failed:
+        parts += ["<h2>Steps not evaluated</h2>",
+                  *[f"<p>step {r['step']}: {html.escape(r['error'])}</p>" for r in failed]]
     latest = records[-1] if records else None
     if latest and latest.get("samplers"):
         samplers = latest["samplers"]

@@ -16,6 +16,14 @@ from evals.config import EvalConfig
 from trainer import checkpoint, data, observe
 
 
+class UnreadableStep(Exception):
+    """A committed checkpoint that cannot be restored (a damaged file)."""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 class Evaluator:
     def __init__(self, run_dir: str, cfg: EvalConfig):
         self.run_dir, self.cfg = run_dir, cfg
@@ -58,15 +66,19 @@ class Evaluator:
             return checkpoints.load_exported(self.run_dir, self.run_cfg)
         try:
             return checkpoints.restore_params(self.mngr, step, self.run_cfg)
-        except Exception:
+        except Exception as e:
             if step in checkpoints.committed_steps(self.mngr):
-                raise
+                raise UnreadableStep(checkpoint.first_line(e)) from None
             print(f"warning: step {step} was deleted (keep-last cleanup) before it was evaluated; skipped")
             return None
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
         start = time.perf_counter()
-        model = self._model(step)
+        try:
+            model = self._model(step)
+        except UnreadableStep as e:  # recorded, so that later steps are evaluated and this one not retried
+            return {"step": step, "objective": self.run_cfg.objective.name, "error": f"unreadable checkpoint: {e}",
+                    "evaluated_at": _now()}
         if model is None:
             return None
         graphdef, params = model
@@ -85,7 +97,7 @@ class Evaluator:
             record.update(self._sample(graphdef, params, seconds))
         seconds["total"] = time.perf_counter() - start
         record["wall_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-        record["evaluated_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        record["evaluated_at"] = _now()
         return record
 
     def _sample(self, graphdef, params, seconds: dict[str, float]) -> dict[str, Any]:
@@ -128,7 +140,7 @@ class Evaluator:
 
     def record(self, result: dict[str, Any]) -> None:
         self.ledger.append(result)
-        flat = {f"eval/{k}": v for k, v in result["perplexity"].items()}
+        flat = {f"eval/{k}": v for k, v in result.get("perplexity", {}).items()}
         for name, metrics in result.get("samplers", {}).items():
             flat.update({f"eval/{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         self.wandb.log(result["step"], flat)
@@ -143,6 +155,9 @@ class Evaluator:
                 continue
             self.record(result)
             count += 1
+            if "error" in result:
+                print(f"step {step}: not evaluated, {result['error']} (recorded in the ledger)", flush=True)
+                continue
             ppl = result["perplexity"]
             figure = ppl.get("ppl_bound", ppl.get("ar_ppl"))
             speeds = "".join(f", {name} {m['tokens_per_forward']:.2f} tokens/forward"

@@ -126,3 +126,33 @@ def cli_error(capsys, *argv) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     return err[0]
+
+
+def test_a_damaged_latest_checkpoint_is_recorded_by_evals_and_the_trainer_falls_back(tiny_overrides, tmp_path,
+                                                                                      capsys):
+    from evals import __main__ as evals_cli
+
+    cfg = config_lib.load(None, [*tiny_overrides, "train.steps=4", "train.checkpoint_every=2"])
+    assert train.run(cfg) == 0
+    before = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    files = [p for p in (tmp_path / "run" / "checkpoints" / "4" / "state").rglob("*") if p.is_file()]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])  # a torn file
+
+    small = ["perplexity.max_tokens=500", "perplexity.time_samples=1", "sampling.num_samples=1",
+             "sampling.gen_length=8", "sampling.block_length=8", "samplers=remask", "wandb_mode=disabled"]
+    assert evals_cli.main(["--run_dir", str(tmp_path / "run"), "--once", *small]) == 0
+    assert "step 4: not evaluated, unreadable checkpoint" in capsys.readouterr().out
+    ledger = [json.loads(x) for x in (tmp_path / "run" / "evals" / "ledger.jsonl").read_text().splitlines()]
+    assert [(r["step"], "error" in r) for r in ledger] == [(2, False), (4, True)]
+    assert "Steps not evaluated" in (tmp_path / "run" / "evals" / "report.html").read_text()
+
+    resumed = config_lib.load(None, [*tiny_overrides, "train.steps=6", "train.checkpoint_every=2"])
+    assert train.run(resumed) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint step 4 is unreadable" in out and "resuming at step 2" in out
+    after = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in after[:4]] == [r["loss"] for r in before]  # steps 3-4 re-run bit for bit
+    again = config_lib.load(None, [*tiny_overrides, "train.steps=6", "train.checkpoint_every=2"])
+    assert train.run(again) == 0 and "resuming at step 6" in capsys.readouterr().out  # step 4 was replaced

@@ -30,6 +30,10 @@ def manager(run_dir: str, cfg: TrainConfig) -> ocp.CheckpointManager:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any], iterator, force: bool = False):
+    """Saves asynchronously; a step already on disk (one that could not be restored) is replaced."""
+    if step in mngr.all_steps():
+        mngr.wait_until_finished()
+        mngr.delete(step)
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)), force=force)
 
@@ -55,14 +59,26 @@ def check_process_count(run_dir: str) -> None:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, state: dict[str, Any], iterator) -> dict[str, Any] | None:
-    """The latest committed state (the iterator is restored in place), or None for a fresh run."""
-    step = mngr.latest_step()
-    if step is None:
-        return None
+    """The latest readable committed state (the iterator is restored in place), or None for a fresh
+    run. An unreadable step (a damaged file, or a read that failed) is reported and the step before
+    it is used; it stays on disk until the run saves that step again (`save` replaces it)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator)))
-    return restored["state"]
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator)))
+        except Exception as e:  # orbax/tensorstore raise many kinds for a damaged file
+            print(f"warning: checkpoint step {step} is unreadable ({first_line(e)}); trying the one before it")
+            continue
+        return restored["state"]
+    if steps:
+        raise TopologyError(f"no checkpoint of {mngr.directory} is readable (steps {sorted(steps)} were damaged)")
+    return None
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def params_of_run(run_dir: str, state: dict[str, Any]) -> dict[str, Any]:

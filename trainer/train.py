@@ -256,13 +256,13 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None) 
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True, disable=not lead,
                mininterval=0.1 if sys.stderr.isatty() else 15)
     window_tokens, window_start = 0, time.perf_counter()
+    saved = start if restored is not None else None  # the step whose state is on disk
     try:
         for step in range(start, cfg.train.steps):
             if preemption.requested:
-                mngr.wait_until_finished()
-                if step not in mngr.all_steps():  # the step just checkpointed needs no second save
+                if saved != step:  # the step just checkpointed needs no second save
                     save(step, state, iterator, force=True)
-                    mngr.wait_until_finished()
+                mngr.wait_until_finished()
                 print(f"preempted: checkpoint saved at step {step}")
                 return PREEMPTED_EXIT_CODE
             batch = next(iterator)
@@ -299,6 +299,7 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None) 
             bar.update(1)
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
                 save(done, state, iterator, force=done == cfg.train.steps)
+                saved = done
         mngr.wait_until_finished()
     finally:
         bar.close()
