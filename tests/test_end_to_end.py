@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import TINY_MODEL
 from tests.gcs import BUCKET
@@ -37,6 +38,7 @@ def check_outputs(read_text, list_dir, data_dir: str, run_dir: str, steps: list[
     assert "<svg" in page and "Draft and polish" in page
 
 
+@pytest.mark.slow
 def test_readme_first_command_end_to_end(tmp_path):
     run = tmp_path / "quickstart"
     env = {**os.environ, "RUN": str(run), "STORIES": "400", "BASE_STEPS": "40", "JUDGE_STEPS": "20", "PROMPTS": "24",
@@ -67,6 +69,7 @@ def test_readme_first_command_end_to_end(tmp_path):
     assert (run / "oput" / "evals" / "report.html").exists()
 
 
+@pytest.mark.slow
 def test_end_to_end_on_gcs(gcs_emulator, story_file):
     data, run = f"gs://{BUCKET}/e2e/data", f"gs://{BUCKET}/e2e/run"
     gcs_emulator.python(

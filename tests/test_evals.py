@@ -259,6 +259,7 @@ def test_run_directory_errors(tmp_path, capsys, tiny_dataset):
     assert "has no manifest.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_watcher_beside_a_live_trainer_evaluates_each_step_once(tiny_dataset, tmp_path):
     run_dir = tmp_path / "live"
     trainer = subprocess.Popen(
@@ -279,6 +280,7 @@ def test_watcher_beside_a_live_trainer_evaluates_each_step_once(tiny_dataset, tm
     assert sorted(steps) == [10, 20, 30, 40, 50, 60] and len(set(steps)) == len(steps)
 
 
+@pytest.mark.slow
 def test_gen_ppl_uses_an_ar_reference_run(trained_run, tiny_dataset, tmp_path):
     ar_dir = tmp_path / "ar"
     cfg = config_lib.load(None, [f"data.path={tiny_dataset}", f"run_dir={ar_dir}", *TINY_MODEL,

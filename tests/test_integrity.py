@@ -7,12 +7,16 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from evals.ledger import Ledger
 from trainer import config as config_lib
 from trainer import train
 
 APPEND_STEPS = """
 import sys
+
+import pytest
 from evals.ledger import Ledger
 ledger = Ledger(sys.argv[1])
 for step in range(int(sys.argv[2]), int(sys.argv[3])):
@@ -89,6 +93,7 @@ def test_a_shard_with_flipped_bytes_is_caught_by_its_sha256(tiny_dataset, tiny_o
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_one_trainer_per_run_directory_and_a_dead_holder_is_taken_over(tiny_dataset, tmp_path, capsys):
     import os
     import signal

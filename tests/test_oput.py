@@ -129,21 +129,26 @@ def test_oput_needs_trajectory_records(tiny_dataset, tmp_path, capsys):
     assert "needs prompt/response records" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_oput_kill_9_and_resume_is_bitwise_identical(trajectory_dataset, tmp_path):
-    def start(name):
+    def start(name, log):
         return subprocess.Popen([sys.executable, "-m", "trainer", *_overrides(trajectory_dataset, tmp_path / name),
                                  "train.steps=24", "train.checkpoint_every=8"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT)
 
-    assert start("straight").wait(timeout=600) == 0
-    job = start("killed")
-    deadline = time.monotonic() + 300
-    while not (tmp_path / "killed" / "checkpoints" / "8").is_dir():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    job.send_signal(signal.SIGKILL)
+    assert start("straight", "straight.log").wait(timeout=600) == 0
+    job = start("killed", "killed.log")
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "killed" / "checkpoints" / "8").is_dir():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        job.send_signal(signal.SIGKILL)
     assert job.wait() == -signal.SIGKILL
-    assert start("killed").wait(timeout=600) == 0
+    assert start("killed", "resumed.log").wait(timeout=600) == 0
+    resumed_at = int((tmp_path / "resumed.log").read_text().split("resuming at step ")[1].split(";")[0])
+    assert resumed_at >= 8  # restored from a checkpoint, not retrained from step 0
     read = lambda name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert [r["loss"] for r in read("killed")] == [r["loss"] for r in read("straight")]
     assert [r["replaced_fraction"] for r in read("killed")] == [r["replaced_fraction"] for r in read("straight")]

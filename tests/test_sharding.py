@@ -45,10 +45,12 @@ def four_devices() -> dict[str, str]:
     return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
 
-def run_trainer(overrides, env=None):
+def run_trainer(overrides, env=None) -> str:
+    """Runs a trainer to completion; returns its stdout."""
     result = subprocess.run([sys.executable, "-m", "trainer", *overrides], env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def losses(run_dir) -> list[float]:
@@ -93,12 +95,15 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules(layout):
     assert specs["step"] == [] and specs["shards_of_q"] == 4
 
 
+@pytest.mark.slow
 def test_resume_onto_another_mesh_continues_the_run(tiny_dataset, tmp_path, single_device_losses):
     run_dir = tmp_path / "moved"
     common = [f"data.path={tiny_dataset}", f"run_dir={run_dir}", *TINY_MODEL, "train.checkpoint_every=3"]
     run_trainer([*common, "train.steps=3", "mesh.fsdp=4"], env=four_devices())
-    run_trainer([*common, "train.steps=6", "mesh.fsdp=2", "mesh.tensor=2"], env=four_devices())
-    run_trainer([*common, "train.steps=6"])  # nothing left to do on one device: restores and stops
+    moved = run_trainer([*common, "train.steps=6", "mesh.fsdp=2", "mesh.tensor=2"], env=four_devices())
+    assert "resuming at step 3" in moved  # restored onto the new mesh, not retrained
+    last = run_trainer([*common, "train.steps=6"])  # nothing left to do on one device: restores and stops
+    assert "resuming at step 6" in last
     np.testing.assert_allclose(losses(run_dir), single_device_losses, rtol=2e-4)
 
 
@@ -146,6 +151,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_on_localhost_train_like_one(tiny_dataset, tmp_path):
     common = [f"data.path={tiny_dataset}", *TINY_MODEL, "train.steps=4", "train.checkpoint_every=2", "data.streams=2"]
     run_trainer([*common, f"run_dir={tmp_path / 'one'}"], env=four_devices())

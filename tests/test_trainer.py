@@ -230,14 +230,22 @@ def test_loss_decreases_on_the_sample_corpus(tiny_overrides, tmp_path, objective
 
 
 def test_gradient_accumulation_equals_the_full_batch(tiny_overrides, tmp_path):
-    runs = {}
+    from evals import checkpoints
+    from trainer import checkpoint
+
+    runs, params = {}, {}
     for accum in (1, 4):
         run_dir = tmp_path / f"accum{accum}"
-        cfg = config_lib.load(None, [*tiny_overrides, f"run_dir={run_dir}", "train.steps=3",
+        cfg = config_lib.load(None, [*tiny_overrides, f"run_dir={run_dir}", "train.steps=4", "optim.warmup_steps=0",
                                      f"train.grad_accum={accum}", "objective.name=ar"])
         assert train.run(cfg) == 0
         runs[accum] = [m["loss"] for m in metrics(run_dir)]
+        params[accum] = checkpoints.restore_params(checkpoint.reader(str(run_dir)), 4, cfg)[1]
     np.testing.assert_allclose(runs[1], runs[4], rtol=2e-5)
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), params[1], params[4])
+    assert max(jax.tree.leaves(moved)) < 1e-5  # four updates at full learning rate land on the same params
+    initial = train.init_state(cfg, train.make_optimizer(cfg.optim, 4)[0])["params"]
+    assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), params[4], initial))) > 1e-3
 
 
 def test_non_finite_loss_stops_without_committing_it(tiny_overrides, tmp_path, capsys):
@@ -251,9 +259,17 @@ def test_non_finite_loss_stops_without_committing_it(tiny_overrides, tmp_path, c
     assert all(step < bad_step for step in committed)
 
 
-def _trainer(overrides, steps, **popen):
+def _trainer(overrides, steps, log):
+    """A trainer subprocess writing its stdout and stderr to `log` (never a pipe nobody reads)."""
     return subprocess.Popen([sys.executable, "-m", "trainer", *overrides, f"train.steps={steps}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(job, timeout=600) -> int:
+    try:
+        return job.wait(timeout=timeout)
+    finally:
+        job.kill()
 
 
 def _wait_for(predicate, timeout=180):
@@ -263,6 +279,7 @@ def _wait_for(predicate, timeout=180):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_is_bitwise_identical(tiny_dataset, tmp_path):
     def overrides(name):
         from tests.conftest import TINY_MODEL
@@ -270,28 +287,51 @@ def test_kill_9_and_resume_is_bitwise_identical(tiny_dataset, tmp_path):
         return [f"data.path={tiny_dataset}", f"run_dir={tmp_path / name}", *TINY_MODEL,
                 "train.checkpoint_every=10", "data.num_workers=1"]
 
-    assert _trainer(overrides("straight"), 40).wait(timeout=600) == 0
-    job = _trainer(overrides("killed"), 40)
-    _wait_for(lambda: (tmp_path / "killed" / "checkpoints" / "10").is_dir())
-    job.send_signal(signal.SIGKILL)
+    assert _finish(_trainer(overrides("straight"), 40, tmp_path / "straight.log")) == 0
+    job = _trainer(overrides("killed"), 40, tmp_path / "killed.log")
+    try:
+        _wait_for(lambda: (tmp_path / "killed" / "checkpoints" / "10").is_dir())
+    finally:
+        job.send_signal(signal.SIGKILL)
     assert job.wait() == -signal.SIGKILL
-    assert _trainer(overrides("killed"), 40).wait(timeout=600) == 0
+    assert _finish(_trainer(overrides("killed"), 40, tmp_path / "resumed.log")) == 0
+    resumed_at = int((tmp_path / "resumed.log").read_text().split("resuming at step ")[1].split(";")[0])
+    assert resumed_at >= 10  # restored from a checkpoint, not retrained from step 0
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
     assert [m["step"] for m in resumed] == list(range(1, 41))
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]  # exact, not approximate
     assert [m["grad_norm"] for m in resumed] == [m["grad_norm"] for m in straight]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_overrides, tmp_path):
     run = tmp_path / "run"
-    job = _trainer([*tiny_overrides, "train.checkpoint_every=100000"], 100000)
-    _wait_for(lambda: (run / "metrics.jsonl").exists() and len(metrics(run)) >= 3)
-    job.send_signal(signal.SIGTERM)
-    assert job.wait(timeout=120) == train.PREEMPTED_EXIT_CODE
+    job = _trainer([*tiny_overrides, "train.checkpoint_every=100000"], 100000, tmp_path / "first.log")
+    try:
+        _wait_for(lambda: (run / "metrics.jsonl").exists() and len(metrics(run)) >= 3)
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=120) == train.PREEMPTED_EXIT_CODE
+    finally:
+        job.kill()
     (saved,) = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
     assert saved >= 3 and metrics(run)[-1]["step"] >= saved
-    assert _trainer(tiny_overrides, saved + 2).wait(timeout=600) == 0
+    assert _finish(_trainer(tiny_overrides, saved + 2, tmp_path / "second.log")) == 0
+    assert f"resuming at step {saved}" in (tmp_path / "second.log").read_text()  # from the checkpoint
     assert [m["step"] for m in metrics(run)] == list(range(1, saved + 3))
+
+
+def test_an_uncommitted_step_is_never_read(tiny_overrides, tmp_path, capsys):
+    cfg = config_lib.load(None, [*tiny_overrides, "train.steps=2", "train.checkpoint_every=2"])
+    assert train.run(cfg) == 0
+    partial = tmp_path / "run" / "checkpoints" / "9.orbax-checkpoint-tmp-1234567"  # a save cut short
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "2", partial)
+    capsys.readouterr()
+    assert train.run(config_lib.load(None, [*tiny_overrides, "train.steps=3", "train.checkpoint_every=3"])) == 0
+    assert "resuming at step 2" in capsys.readouterr().out
+    from evals import checkpoints
+    from trainer import checkpoint
+
+    assert checkpoints.committed_steps(checkpoint.reader(str(tmp_path / "run"))) == [2, 3]
 
 
 def test_bfloat16_compute_keeps_float32_params(tiny_overrides, tmp_path):
