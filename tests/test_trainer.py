@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -262,14 +264,16 @@ def test_non_finite_loss_stops_without_committing_it(tiny_overrides, tmp_path, c
 def _trainer(overrides, steps, log):
     """A trainer subprocess writing its stdout and stderr to `log` (never a pipe nobody reads)."""
     return subprocess.Popen([sys.executable, "-m", "trainer", *overrides, f"train.steps={steps}"],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _finish(job, timeout=600) -> int:
+    """The trainer's exit code; whatever it left running (a hung trainer, Grain workers) is killed."""
     try:
         return job.wait(timeout=timeout)
     finally:
-        job.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
 
 
 def _wait_for(predicate, timeout=180):
@@ -292,7 +296,7 @@ def test_kill_9_and_resume_is_bitwise_identical(tiny_dataset, tmp_path):
     try:
         _wait_for(lambda: (tmp_path / "killed" / "checkpoints" / "10").is_dir())
     finally:
-        job.send_signal(signal.SIGKILL)
+        os.killpg(job.pid, signal.SIGKILL)  # the trainer and its Grain worker, as a scheduler would
     assert job.wait() == -signal.SIGKILL
     assert _finish(_trainer(overrides("killed"), 40, tmp_path / "resumed.log")) == 0
     resumed_at = int((tmp_path / "resumed.log").read_text().split("resuming at step ")[1].split(";")[0])
@@ -312,7 +316,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tiny_overrides, tmp_path):
         job.send_signal(signal.SIGTERM)
         assert job.wait(timeout=120) == train.PREEMPTED_EXIT_CODE
     finally:
-        job.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
     (saved,) = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
     assert saved >= 3 and metrics(run)[-1]["step"] >= saved
     assert _finish(_trainer(tiny_overrides, saved + 2, tmp_path / "second.log")) == 0
