@@ -11,13 +11,16 @@ runner, the worker count or arrival order.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import os
 import pathlib
 import re
+import shutil
 import sys
 import tempfile
 import time
+import uuid
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -325,18 +328,33 @@ def check_output(config: PreprocessConfig) -> None:
                         f"directory)")
 
 
-def prepare_output(config: PreprocessConfig) -> None:
+def prepare_output(config: PreprocessConfig) -> str | None:
+    """Where the job writes: `--output`, or for `--overwrite` of a finished local dataset a staging
+    directory beside it (returned) that replaces it only once the new dataset is complete."""
     manifest_path = storage.join(config.output, manifest.MANIFEST)
-    if storage.exists(manifest_path):
-        if not config.overwrite:
-            raise UserError(
-                f"{config.output} already holds a finished dataset (manifest.json); "
-                f"pass --overwrite to replace it or choose another --output"
-            )
-        # The manifest goes first, so a crash from here on never leaves a mixed set that looks done.
-        storage.delete_matching(manifest_path)
-        for pattern in ("*.array_record", manifest.TOKENIZER, manifest.DEAD_LETTER):
-            storage.delete_matching(storage.join(config.output, pattern))
+    if not storage.exists(manifest_path):
+        return None
+    if not config.overwrite:
+        raise UserError(
+            f"{config.output} already holds a finished dataset (manifest.json); "
+            f"pass --overwrite to replace it or choose another --output"
+        )
+    if "://" not in config.output:
+        return f"{config.output.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
+    # Object stores cannot swap directories: the manifest goes first, so a crash from here on
+    # never leaves a mixed set that looks done (the old dataset is gone, though).
+    storage.delete_matching(manifest_path)
+    for pattern in ("*.array_record", manifest.TOKENIZER, manifest.DEAD_LETTER):
+        storage.delete_matching(storage.join(config.output, pattern))
+    return None
+
+
+def _replace_directory(staging: str, output: str) -> None:
+    """The finished staging directory takes the old dataset's place; the old one is removed."""
+    old = f"{output.rstrip('/')}.replaced-{uuid.uuid4().hex[:8]}"
+    os.rename(output, old)
+    os.rename(staging, output)
+    shutil.rmtree(old)
 
 
 def run(config: PreprocessConfig, beam_args: list[str]):
@@ -345,11 +363,23 @@ def run(config: PreprocessConfig, beam_args: list[str]):
     tokenizer_json = load_given_tokenizer(config)
     check_output(config)
     units, sources_read = plan(config)
-    prepare_output(config)
-    pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, config, units, sources_read, tokenizer_json)
-    result = pipeline.run()
-    result.wait_until_finish()
+    staging = prepare_output(config)
+    target = config if staging is None else dataclasses.replace(config, output=staging)
+    try:
+        pipeline = beam.Pipeline(options=options)
+        build_pipeline(pipeline, target, units, sources_read, tokenizer_json)
+        result = pipeline.run()
+        result.wait_until_finish()
+    except BaseException:
+        if staging is not None:  # the finished dataset in --output is untouched
+            if os.path.exists(os.path.join(staging, manifest.DEAD_LETTER)):
+                print(f"the failed job's dead letters are in {staging}/{manifest.DEAD_LETTER}; "
+                      f"{config.output} still holds the previous dataset")
+            else:
+                shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if staging is not None:
+        _replace_directory(staging, config.output)
     return result
 
 

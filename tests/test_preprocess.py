@@ -281,6 +281,22 @@ def test_too_many_bad_records_fail_with_one_line_and_no_manifest(messy_inputs, t
     assert (out / "dead_letter.jsonl").exists()
 
 
+def test_a_failed_overwrite_keeps_the_finished_dataset(messy_inputs, story_file, tmp_path):
+    inputs, _ = messy_inputs
+    out = tmp_path / "o"
+    assert run_job("--dataset", "tinystories", "--input", story_file, "--output", out, "--vocab_size", 300) == 0
+    before = {n: (out / n).read_bytes() for n in dir_files(out)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.preprocess", "--dataset", "tinystories", "--input", f"{inputs}/*",
+         "--output", str(out), "--vocab_size", "300", "--max_doc_chars", "4000", "--overwrite"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "records are bad" in result.stderr
+    assert {n: (out / n).read_bytes() for n in dir_files(out)} == before  # nothing of it was lost
+    assert manifest.verify(str(out)) == []
+    (staging,) = tmp_path.glob("o.staging-*")  # the failed job's dead letters, beside it
+    assert (staging / "dead_letter.jsonl").exists() and str(staging) in result.stdout
+
+
 def test_trajectory_rows_missing_prompt_or_response(tmp_path):
     rows = [{"question": f"q{i}?", "answer": f"a{i}."} for i in range(30)]
     rows += [{"answer": "only an answer"}, {"question": "only a question"},
