@@ -305,7 +305,9 @@ def plan(config: PreprocessConfig) -> tuple[list[sources.WorkUnit], list[str]]:
         units = [u for s in specs for u in sources.plan_tfds_units(s, config.tfds_data_dir)]
         return units, [s.source for s in specs]
     files = sources.expand_inputs(config.input_patterns)
-    return sources.plan_file_units(files, config.read_chunk_bytes), [path for path, _ in files]
+    columns = ((("question", "answer"), ("messages",)) if config.dataset == "dmax_trajectories"
+               else ((config.text_field,),))
+    return sources.plan_file_units(files, config.read_chunk_bytes, columns), [path for path, _ in files]
 
 
 def check_output(config: PreprocessConfig) -> None:

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import storage
+from pipelines import JOB_FAILURE_PREFIX, storage
 
 STORY_SEPARATOR = b"<|endoftext|>"
 # Lines longer than this are never separators; bounds how far a range reader looks back.
@@ -86,16 +86,23 @@ def expand_inputs(patterns: list[str]) -> list[tuple[str, int]]:
     return sorted(files.items())
 
 
-def plan_file_units(files: list[tuple[str, int]], chunk_bytes: int) -> list[WorkUnit]:
+def plan_file_units(files: list[tuple[str, int]], chunk_bytes: int,
+                    columns: tuple[tuple[str, ...], ...] = ()) -> list[WorkUnit]:
+    """Work units of the files; a parquet file must hold one of the `columns` sets."""
     units: list[WorkUnit] = []
     for path, size in files:
         layout = layout_of(path)
         if layout == "parquet":
             try:
                 with storage.open_binary(path) as f:
-                    row_groups = pq.ParquetFile(f).num_row_groups
+                    parquet = pq.ParquetFile(f)
+                    row_groups, names = parquet.num_row_groups, set(parquet.schema_arrow.names)
             except Exception as e:
                 raise UserError(f"cannot read parquet file {path}: {first_line(e)}") from None
+            if columns and not any(set(c) <= names for c in columns):
+                wanted = " or ".join("+".join(c) for c in columns)
+                raise UserError(f"parquet file {path} has no column {wanted} (it has {', '.join(sorted(names))}); "
+                                f"name the text column with --text_field")
             units += [WorkUnit(layout, path, g, g + 1) for g in range(row_groups)]
         else:
             units += [
@@ -207,7 +214,11 @@ def read_unit(unit: WorkUnit, tfds_data_dir: str | None = None) -> Iterator[RawR
         else:
             parquet = pq.ParquetFile(f)
             first_row = sum(parquet.metadata.row_group(g).num_rows for g in range(unit.start))
-            rows = parquet.read_row_group(unit.start).to_pylist()
+            try:
+                rows = parquet.read_row_group(unit.start).to_pylist()
+            except Exception as e:  # damaged data pages behind an intact footer: the job fails in one line
+                raise RuntimeError(f"{JOB_FAILURE_PREFIX}cannot read row group {unit.start} of parquet file "
+                                   f"{unit.source}: {first_line(e)}") from None
             for i, row in enumerate(rows):
                 yield RawRecord(unit.source, first_row + i, row)
 

@@ -481,3 +481,24 @@ def test_dataflow_graph_builds_and_stages_this_package(story_file, tmp_path, mon
     declared = tarfile.open(sdist).extractfile(requires).read().decode()
     for package in ("apache-beam", "array-record", "tokenizers", "[gcp]"):
         assert package in declared, package
+
+
+def test_parquet_without_the_text_column_or_with_damaged_pages_ends_in_one_line(stories, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"story": stories[:50]}), wrong)
+    assert "has no column text (it has story); name the text column with --text_field" in _user_error(
+        capsys, "--dataset", "tinystories", "--input", wrong, "--output", tmp_path / "o1")
+    damaged = tmp_path / "damaged.parquet"
+    pq.write_table(pa.table({"text": stories[:200]}), damaged, compression="snappy")
+    raw = bytearray(damaged.read_bytes())
+    for i in range(200, len(raw) // 2):  # the data pages; the footer at the end stays intact
+        raw[i] ^= 0x5A
+    damaged.write_bytes(bytes(raw))
+    result = subprocess.run([sys.executable, "-m", "pipelines.preprocess", "--dataset", "tinystories", "--input",
+                             str(damaged), "--output", str(tmp_path / "o2"), "--vocab_size", "300"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot read row group 0 of parquet file")
+    assert not (tmp_path / "o2" / "manifest.json").exists()
