@@ -19,8 +19,6 @@ from trainer import export as export_cli
 from trainer.config import ModelConfig
 from trainer.model import Transformer
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 ARCH = ["model.kv_heads=1", "model.head_dim=8", "model.qk_norm=true", "model.tie_embeddings=false"]
 
 
@@ -87,6 +85,9 @@ def test_the_eval_stage_evaluates_an_export(trained, tmp_path):
 
 
 def _hf_model(kind: str, directory, **overrides):
+    """A reference checkpoint made by transformers (the tests that need it skip without torch)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if kind == "llama":
         config = transformers.LlamaConfig(tie_word_embeddings=False, rope_theta=5000.0, **overrides)
@@ -96,6 +97,12 @@ def _hf_model(kind: str, directory, **overrides):
         model = transformers.Qwen3ForCausalLM(config)
     model.eval().save_pretrained(directory)
     return model
+
+
+def transformers_default_rope_theta() -> float:
+    import transformers
+
+    return float(transformers.Qwen3Config(**SMALL).rope_parameters["rope_theta"])
 
 
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -108,7 +115,10 @@ def test_causal_logits_match_transformers(kind, tmp_path):
     cfg = ModelConfig(max_seq_len=64)
     cfg.vocab_size = hf.resolve_model(cfg, str(tmp_path))
     assert (cfg.kv_heads, cfg.qk_norm, cfg.tie_embeddings) == (2, kind == "qwen3", kind == "qwen3")
+    assert cfg.rope_theta == (5000.0 if kind == "llama" else transformers_default_rope_theta())
     ids = np.random.default_rng(0).integers(0, 96, (2, 12))
+    import torch
+
     with torch.no_grad():
         expected = reference(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(logits(cfg, load_on_one_device(tmp_path, cfg), ids), expected, atol=2e-5)
@@ -178,6 +188,20 @@ def test_untrusted_files_give_one_line_errors_naming_the_problem(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(hf.WeightsError, match="model_type 'gpt2' is not supported"):
         hf.resolve_model(ModelConfig(), str(tmp_path))
+
+
+def test_a_scaled_rope_is_refused(tmp_path):
+    config = {"model_type": "llama", "hidden_act": "silu", "vocab_size": 96, "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(hf.WeightsError, match="rope_type 'llama3' is not supported"):
+        hf.resolve_model(ModelConfig(), str(tmp_path))
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 123.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cfg = ModelConfig()
+    hf.resolve_model(cfg, str(tmp_path))
+    assert cfg.rope_theta == 123.0
 
 
 def test_export_of_a_missing_step_is_a_one_line_error(trained, tmp_path, capsys):
