@@ -106,3 +106,11 @@ def test_end_to_end_on_gcs(gcs_emulator, story_file):
     assert verify.returncode == 0, verify.stderr
 
 
+    resumed = subprocess.run([sys.executable, *commands[1][:-4], "train.steps=40", "train.checkpoint_every=10",
+                              "wandb.mode=disabled", "optim.warmup_steps=5"], env=gcs_emulator.env,
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step 30" in resumed.stdout  # restored from gs://, not retrained
+    files = json.loads(gcs_emulator.python(reader, f"{run}/metrics.jsonl", run).strip().splitlines()[-1])
+    assert [json.loads(x)["step"] for x in files[f"{run}/metrics.jsonl"].splitlines()] == [10, 20, 30, 40]
+    assert ".lock" not in files[run] and "config.yaml" in files[run]  # the run lock was released
