@@ -262,19 +262,23 @@ def test_run_directory_errors(tmp_path, capsys, tiny_dataset):
 @pytest.mark.slow
 def test_watcher_beside_a_live_trainer_evaluates_each_step_once(tiny_dataset, tmp_path):
     run_dir = tmp_path / "live"
+    log = tmp_path / "trainer.log"
     trainer = subprocess.Popen(
         [sys.executable, "-m", "trainer", f"data.path={tiny_dataset}", f"run_dir={run_dir}", *TINY_MODEL,
          "train.steps=60", "train.checkpoint_every=10", "train.keep_last=10"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
     import time
 
-    while not (run_dir / "config.yaml").exists():  # the watcher needs the run to exist
-        assert trainer.poll() is None, trainer.stderr.read()
-        time.sleep(0.1)
-    watcher = subprocess.run(
-        [sys.executable, "-m", "evals", "--run_dir", str(run_dir), "--watch", "poll_seconds=0.5", *EVAL_SMALL],
-        capture_output=True, text=True, timeout=900)
-    assert trainer.wait(timeout=600) == 0
+    try:
+        while not (run_dir / "config.yaml").exists():  # the watcher needs the run to exist
+            assert trainer.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.1)
+        watcher = subprocess.run(
+            [sys.executable, "-m", "evals", "--run_dir", str(run_dir), "--watch", "poll_seconds=0.5", *EVAL_SMALL],
+            capture_output=True, text=True, timeout=900)
+        assert trainer.wait(timeout=600) == 0
+    finally:
+        trainer.kill()
     assert watcher.returncode == 0, watcher.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in (run_dir / "evals" / "ledger.jsonl").read_text().splitlines()]
     assert sorted(steps) == [10, 20, 30, 40, 50, 60] and len(set(steps)) == len(steps)

@@ -161,3 +161,26 @@ def test_a_damaged_latest_checkpoint_is_recorded_by_evals_and_the_trainer_falls_
     assert [r["loss"] for r in after[:4]] == [r["loss"] for r in before]  # steps 3-4 re-run bit for bit
     again = config_lib.load(None, [*tiny_overrides, "train.steps=6", "train.checkpoint_every=2"])
     assert train.run(again) == 0 and "resuming at step 6" in capsys.readouterr().out  # step 4 was replaced
+
+
+def test_an_empty_train_or_validation_split_is_one_line(tiny_dataset, tiny_overrides, tmp_path, capsys):
+    import shutil
+
+    from evals import __main__ as evals_cli
+    from trainer import __main__ as cli
+
+    for split, (kind, entry) in {"train": ("trainer", cli), "validation": ("evals", evals_cli)}.items():
+        data = tmp_path / f"no_{split}"
+        shutil.copytree(tiny_dataset, data)
+        manifest = json.loads((data / "manifest.json").read_text())
+        manifest["splits"][split] = {"num_records": 0, "num_tokens": 0, "shards": []}
+        (data / "manifest.json").write_text(json.dumps(manifest))
+        if kind == "trainer":
+            err = cli_error(capsys, *tiny_overrides, f"data.path={data}")
+        else:
+            assert cli.main([*tiny_overrides, "train.steps=1", "train.checkpoint_every=1"]) == 0
+            capsys.readouterr()
+            assert evals_cli.main(["--run_dir", str(tmp_path / "run"), "--once", f"data_path={data}",
+                                   "sampling.gen_length=16", "wandb_mode=disabled"]) == 2
+            err = capsys.readouterr().err.strip()
+        assert f"the {split} split of {data} holds no records" in err, err

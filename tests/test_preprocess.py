@@ -362,10 +362,12 @@ def test_a_killed_job_leaves_no_manifest(tmp_path):
     job = subprocess.Popen([sys.executable, "-m", "pipelines.preprocess", "--dataset", "tinystories",
                             "--input", str(big), "--output", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (out.exists() and any(out.iterdir())):
-        time.sleep(0.05)
-    job.send_signal(signal.SIGKILL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (out.exists() and any(out.iterdir())):
+            time.sleep(0.05)
+    finally:
+        job.send_signal(signal.SIGKILL)
     assert job.wait() == -signal.SIGKILL  # it was killed midway, not finished
     assert out.exists() and any(out.iterdir())  # it had started writing
     assert not (out / "manifest.json").exists()

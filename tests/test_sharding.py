@@ -163,9 +163,13 @@ def test_two_processes_on_localhost_train_like_one(tiny_dataset, tmp_path):
                "JAX_PROCESS_ID": str(process)}
         jobs.append(subprocess.Popen([sys.executable, "-m", "trainer", *common, f"run_dir={tmp_path / 'two'}"],
                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    for job in jobs:
-        _, err = job.communicate(timeout=600)
-        assert job.returncode == 0, err[-3000:]
+    try:
+        for job in jobs:
+            _, err = job.communicate(timeout=600)
+            assert job.returncode == 0, err[-3000:]
+    finally:
+        for job in jobs:
+            job.kill()
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=2e-4)
     steps = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == ["2", "4"]
