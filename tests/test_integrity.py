@@ -181,6 +181,6 @@ def test_an_empty_train_or_validation_split_is_one_line(tiny_dataset, tiny_overr
             assert cli.main([*tiny_overrides, "train.steps=1", "train.checkpoint_every=1"]) == 0
             capsys.readouterr()
             assert evals_cli.main(["--run_dir", str(tmp_path / "run"), "--once", f"data_path={data}",
-                                   "sampling.gen_length=16", "wandb_mode=disabled"]) == 2
+                                   "sampling.gen_length=16", "sampling.block_length=8", "wandb_mode=disabled"]) == 2
             err = capsys.readouterr().err.strip()
         assert f"the {split} split of {data} holds no records" in err, err
