@@ -39,11 +39,12 @@ class Evaluator:
         self.exported = checkpoints.exported_step(run_dir)  # a trainer.export directory, not a run
         self.mngr = None if self.exported is not None else checkpoint.reader(run_dir)
         self.ledger = ledger.Ledger(run_dir)
-        self.reference = self._reference_model()
+        self.judge = self._judge()
         self.wandb = observe.Wandb(run_dir, self.run_cfg.wandb.project, cfg.wandb_mode,
                                    dataclasses.asdict(cfg), job_type="evals")
 
-    def _reference_model(self):
+    def _judge(self):
+        """(graphdef, params) of the AR run whose latest checkpoint scores samples (gen-ppl), or None."""
         if not self.cfg.gen_ppl_run_dir:
             return None
         ref_cfg = checkpoints.load_config(self.cfg.gen_ppl_run_dir)
@@ -108,7 +109,7 @@ class Evaluator:
             out = sampling.generate(name, graphdef, params, prompt, s, mask, eos, jax.random.key(s.seed))
             metrics = {"matched": sampling.is_matched(name, self.run_cfg.objective.name),
                        "attention": sampling.sampler_of(name).attention,
-                       **quality.sampler_metrics(out, s.prompt_tokens, eos, self.reference)}
+                       **quality.sampler_metrics(out, s.prompt_tokens, eos, self.judge)}
             samplers[name], outputs[name] = metrics, out
             seconds[name] = out.seconds
         for name in outputs:
@@ -119,7 +120,7 @@ class Evaluator:
                 same = outputs[name].tokens[:, s.prompt_tokens:] == outputs[twin].tokens[:, s.prompt_tokens:]
                 samplers[name]["agreement_with_spd_cached"] = float(same.mean())
         reference = next((n for n in outputs if sampling.is_one_token(n, s)), None)
-        if reference is not None and self.reference is not None:
+        if reference is not None and self.judge is not None:
             for metrics in samplers.values():
                 metrics["gen_ppl_vs_reference"] = metrics["gen_ppl"] / samplers[reference]["gen_ppl"]
         traced = next((n for n in outputs if sampling.parse(n)[0] in ("spd_cached", "spd")), next(iter(outputs)))
