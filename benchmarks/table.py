@@ -23,7 +23,7 @@ def _m(x: float) -> str:
 def preprocess(r: dict) -> list[Row]:
     raw = r["raw_encode_batch_tokens_per_s"]
     rows = [(f"preprocess, {n.split('_')[1]} worker(s), {_m(r['input_tokens_1x'])} tokens",
-             f"{_m(job['tokens_per_s'])} tokens/s", f"`encode_batch` {_m(raw)} tokens/s",
+             f"{_m(job['tokens_per_s'])} tokens/s", f"`{r.get('raw_path', 'encode_batch')}` {_m(raw)} tokens/s",
              f"{job['ratio_vs_raw_encode_batch']}") for n, job in r["job"].items()]
     rss = r["peak_rss_mib"]
     return rows + [("preprocess peak RSS, 1x -> 4x input", f"{rss['1x']:.0f} -> {rss['4x']:.0f} MiB", "",

@@ -108,6 +108,14 @@ def test_validation_split_follows_content_hash(stories_out, stories):
     assert m["splits"]["validation"]["num_records"] == len(expected)
 
 
+def test_record_ids_are_the_tokenizers_own_encoding(stories_out, stories):
+    # The job encodes without offsets (encode_batch_fast); ids must equal the plain encode's.
+    tok = Tokenizer.from_file(str(stories_out / "tokenizer.json"))
+    ids = {tuple(tok.encode(s, add_special_tokens=False).ids) for s in stories}
+    got = [tuple(tokens[1:-1].tolist()) for (tokens,) in decoded_records(stories_out, "train")]
+    assert got and all(g in ids for g in got)
+
+
 def test_rerun_and_two_workers_are_byte_identical(stories_out, story_file, tmp_path):
     args = ["--dataset", "tinystories", "--input", story_file, "--num_shards", 3,
             "--vocab_size", 600, "--validation_fraction", 0.1]
