@@ -30,8 +30,9 @@ cfg.model.vocab_size = 64
 mesh, rules = sharding.make_mesh(cfg.mesh), sharding.parse_rules(cfg.mesh.rules)
 tx, _ = train.make_optimizer(cfg.optim, 10)
 state, _ = train.sharded_init(cfg, tx, mesh, rules)
-block = state["params"]["blocks"][0]
-mu = state["opt_state"][1][0].mu["blocks"][0]
+block, mu = state["params"]["blocks"], state["opt_state"][1][0].mu["blocks"]
+if not cfg.model.scan_layers:
+    block, mu = block[0], mu[0]
 out = {name: list(array.sharding.spec) for name, array in {
     "embedding": state["params"]["embed"]["embedding"], "q": block["attn"]["q"]["kernel"],
     "down": block["mlp"]["down"]["kernel"], "scale": block["attn_norm"]["scale"],
@@ -93,6 +94,22 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules(layout):
         assert specs[name] == expected, (name, specs[name])
     assert specs["mu_q"] == specs["q"]  # Adam moments live where their parameters do
     assert specs["step"] == [] and specs["shards_of_q"] == 4
+
+
+def test_scanned_layers_shard_their_stacked_params_and_train_alike(tiny_dataset, tmp_path):
+    result = subprocess.run([sys.executable, "-c", SPECS, *TINY_MODEL, *LAYOUTS["fsdp2_tensor2"], "run_dir=x",
+                             "data.path=x", "model.scan_layers=true"], env=four_devices(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    specs = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = {name: [None, *spec] for name, spec in EXPECTED["fsdp2_tensor2"].items() if name != "embedding"}
+    assert {name: specs[name] for name in expected} == expected  # the layer axis whole, the rest by the rules
+    runs = {}
+    for name, layout, env in (("one", [], None), ("four", LAYOUTS["fsdp2_tensor2"], four_devices())):
+        runs[name] = tmp_path / name
+        run_trainer([f"data.path={tiny_dataset}", f"run_dir={runs[name]}", *TINY_MODEL, "train.steps=4",
+                     "train.checkpoint_every=2", "model.scan_layers=true", *layout], env=env)
+    np.testing.assert_allclose(losses(runs["four"]), losses(runs["one"]), rtol=2e-4)
 
 
 @pytest.mark.slow

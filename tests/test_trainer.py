@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from flax import nnx
 
 from trainer import __main__ as cli
 from trainer import config as config_lib
-from trainer import data, loss, train
+from trainer import data, hf, loss, train
 from trainer.config import Config, ModelConfig, ObjectiveConfig
 from trainer.model import Transformer, attention_mask, param_count
 
@@ -149,6 +150,47 @@ def test_attention_never_crosses_packed_documents():
         assert not jnp.allclose(a[0, 9:13], b[0, 9:13])  # later tokens of document 2 see it
     mask = attention_mask(segments, causal=False)[0, 0]
     assert mask.tolist() == (segments[0][:, None] == segments[0][None, :]).tolist()
+
+
+def _stacked_like_scanned(unrolled: dict, layers: int) -> dict:
+    """An unrolled model's params in the scanned layout (README: layer i is index i of the layer axis)."""
+    blocks = [unrolled["blocks"][i] for i in range(layers)]
+    return {**unrolled, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_layers_compute_what_unrolled_layers_compute(remat):
+    cfg = ModelConfig(vocab_size=50, hidden=32, layers=3, heads=2, mlp_hidden=64, max_seq_len=16, remat=remat)
+    unrolled = Transformer(cfg, nnx.Rngs(0))
+    scanned = Transformer(dataclasses.replace(cfg, scan_layers=True), nnx.Rngs(1))
+    state = nnx.state(scanned, nnx.Param)
+    nnx.replace_by_pure_dict(state, _stacked_like_scanned(nnx.to_pure_dict(nnx.state(unrolled, nnx.Param)), 3))
+    nnx.update(scanned, state)
+    segments = jnp.array([[1] * 6 + [2] * 7 + [0] * 3])
+    positions = jnp.array([list(range(6)) + list(range(7)) + [0] * 3])
+    tokens = jnp.arange(16)[None] % 50
+    for causal in (False, True):
+        np.testing.assert_allclose(scanned(tokens, segments, positions, causal),
+                                   unrolled(tokens, segments, positions, causal), rtol=1e-5, atol=1e-5)
+    # The decoding path: 4 new tokens written at offset 6 of a 16-slot KV cache per layer.
+    caches = [(jnp.ones((1, 16, 2, 16)) * i, jnp.ones((1, 16, 2, 16)) * -i, 6) for i in range(3)]
+    x, pos = unrolled.embed(tokens[:, :4]), jnp.arange(6, 10)[None]
+    mask = jnp.ones((1, 1, 4, 16), bool)
+    (a, kv_a), (b, kv_b) = unrolled.forward(x, pos, mask, caches), scanned.forward(x, pos, mask, caches)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    for (ka, va), (kb, vb) in zip(kv_a, kv_b, strict=True):
+        np.testing.assert_allclose(kb, ka, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(vb, va, rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="scan_layers=false"):
+        next(hf.tensor_names(scanned.cfg))
+
+
+def test_an_attention_kernel_this_platform_lacks_is_one_line(capsys, tiny_overrides, tmp_path):
+    assert "cudnn needs model.compute_dtype=bfloat16" in cli_error(capsys, *tiny_overrides, "model.attention=cudnn")
+    assert "model.attention must be xla or cudnn" in cli_error(capsys, *tiny_overrides, "model.attention=flash")
+    if jax.default_backend() != "gpu":
+        assert "model.attention=cudnn needs an NVIDIA GPU" in cli_error(
+            capsys, *tiny_overrides, "model.attention=cudnn", "model.compute_dtype=bfloat16")
 
 
 def test_data_order_is_a_function_of_the_seed(tiny_dataset):

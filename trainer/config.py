@@ -34,6 +34,8 @@ class ModelConfig:
     tie_embeddings: bool = True  # output head shares the token embedding
     compute_dtype: str = "float32"  # float32 | bfloat16 (params stay float32)
     remat: bool = False  # recompute block activations in the backward pass
+    scan_layers: bool = False  # blocks under nnx.scan: compile time constant in depth; params stacked on a layer axis
+    attention: str = "xla"  # attention kernel: xla (any platform, any mask) | cudnn (fused; GPU, bfloat16)
     init_from: str = ""  # a Hugging Face Llama/Qwen3 directory to start from (architecture from its config.json)
 
 
@@ -130,6 +132,9 @@ class Config:
             ((m.head_dim or m.hidden // max(m.heads, 1)) % 2 == 0, "model.head_dim", "must be even for RoPE"),
             (m.heads % max(m.kv_heads or m.heads, 1) == 0, "model.kv_heads", f"must divide model.heads {m.heads}"),
             (m.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype", "must be float32 or bfloat16"),
+            (m.attention in ("xla", "cudnn"), "model.attention", "must be xla or cudnn"),
+            (m.attention != "cudnn" or m.compute_dtype == "bfloat16", "model.attention",
+             "cudnn needs model.compute_dtype=bfloat16 (cuDNN's fused attention has no float32 kernel)"),
             (0 < d.seq_len <= m.max_seq_len, "data.seq_len", f"must be in [1, model.max_seq_len={m.max_seq_len}]"),
             (d.packing_bins >= 1, "data.packing_bins", "must be at least 1"),
             (d.num_workers >= 0, "data.num_workers", "must be >= 0"),

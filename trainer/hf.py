@@ -88,6 +88,9 @@ def resolve_model(cfg: ModelConfig, directory: str) -> int:
 
 def tensor_names(cfg: ModelConfig) -> Iterator[tuple[tuple, str, bool]]:
     """(path in our params, Hugging Face tensor name, transpose?) for every parameter."""
+    if cfg.scan_layers:
+        raise WeightsError("Hugging Face weights map to unrolled layers: set model.scan_layers=false to import or "
+                           "export them")
     yield ("embed", "embedding"), "model.embed_tokens.weight", False
     yield ("final_norm", "scale"), "model.norm.weight", False
     if not cfg.tie_embeddings:

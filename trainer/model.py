@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from trainer.config import ModelConfig
+from trainer.config import ConfigError, ModelConfig
 
 
 def rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
@@ -41,11 +41,19 @@ def kv_heads(cfg: ModelConfig) -> int:
     return cfg.kv_heads or cfg.heads
 
 
+def check_platform(cfg: ModelConfig) -> None:
+    """A kernel this platform lacks is one clear error, never a silent fallback to another kernel."""
+    if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"model.attention=cudnn needs an NVIDIA GPU; this platform is {jax.default_backend()}: "
+                          "use model.attention=xla")
+
+
 class Attention(nnx.Module):
     """Multi-head attention with grouped-query key/value heads and optional QK-norm (Qwen3)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.compute_dtype)
+        self.kernel = cfg.attention
         self.heads, self.kv_heads, self.head_dim, self.theta = cfg.heads, kv_heads(cfg), head_dim(cfg), cfg.rope_theta
         linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)  # noqa: E731
         self.q = linear(cfg.hidden, self.heads * self.head_dim)
@@ -69,7 +77,7 @@ class Attention(nnx.Module):
             cache_k, cache_v, offset = cache
             k_BLGK = jax.lax.dynamic_update_slice_in_dim(cache_k, k_BLGK.astype(cache_k.dtype), offset, 1)
             v_BLGK = jax.lax.dynamic_update_slice_in_dim(cache_v, v_BLGK.astype(cache_v.dtype), offset, 1)
-        out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS)
+        out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, implementation=self.kernel)
         return self.o(out_BLHK.reshape(batch, length, self.heads * self.head_dim)), (k_BLGK, v_BLGK)
 
 
@@ -98,12 +106,29 @@ class Block(nnx.Module):
         return x_BLD + self.mlp(self.mlp_norm(x_BLD)), kv
 
 
+def _call_block(remat: bool):
+    call = lambda block, *args: block(*args)  # noqa: E731
+    return nnx.remat(call) if remat else call
+
+
 class Transformer(nnx.Module):
+    """Blocks are a list, or with `scan_layers` one Block whose params carry a leading layer axis
+    (`blocks.attn.q.kernel[i]` is layer i's `blocks.i.attn.q.kernel`), run under nnx.scan."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        check_platform(cfg)
         self.cfg = cfg
         dtype = jnp.dtype(cfg.compute_dtype)
         self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden, dtype=dtype, rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.layers)])
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked_blocks(rngs: nnx.Rngs) -> Block:
+                return Block(cfg, rngs)
+
+            self.blocks = stacked_blocks(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.layers)])
         self.final_norm = nnx.RMSNorm(cfg.hidden, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
         self.head = None if cfg.tie_embeddings else nnx.Linear(
             cfg.hidden, cfg.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
@@ -114,22 +139,42 @@ class Transformer(nnx.Module):
         return logits_BLV
 
     def forward(self, x_BLD, positions_BL, mask_B1LS, caches=None, logits_for: int | None = None):
-        """Embeddings in (hard or soft), (logits [B, L, V] float32, per-layer (k, v)) out.
+        """Embeddings in (hard or soft), (logits [B, L, V] float32, per-layer (k, v) buffers written
+        when `caches` are given, else []) out.
 
         caches: per layer (k_BSHK, v_BSHK, offset) for decoding against a fixed-size KV cache.
         logits_for: only the first n positions' logits (the noisy stream of a two-stream row).
         """
-        kvs = []
-        for i, block in enumerate(self.blocks):
-            cache = None if caches is None else caches[i]
-            if self.cfg.remat:
-                x_BLD, kv = nnx.remat(lambda b, *a: b(*a))(block, x_BLD, positions_BL, mask_B1LS, cache)
-            else:
-                x_BLD, kv = block(x_BLD, positions_BL, mask_B1LS, cache)
-            kvs.append(kv)
+        x_BLD, kvs = (self._scanned if self.cfg.scan_layers else self._unrolled)(x_BLD, positions_BL, mask_B1LS, caches)
         x_BLD = self.final_norm(x_BLD[:, :logits_for])
         logits_BLV = self.embed.attend(x_BLD) if self.head is None else self.head(x_BLD)
         return logits_BLV.astype(jnp.float32), kvs
+
+    def _unrolled(self, x_BLD, positions_BL, mask_B1LS, caches):
+        kvs, call = [], _call_block(self.cfg.remat)
+        for i, block in enumerate(self.blocks):
+            x_BLD, kv = call(block, x_BLD, positions_BL, mask_B1LS, None if caches is None else caches[i])
+            kvs.append(kv)
+        return x_BLD, kvs if caches is not None else []
+
+    def _scanned(self, x_BLD, positions_BL, mask_B1LS, caches):
+        """One traced block for all layers; per-layer caches go in and come out stacked on axis 0."""
+        call = _call_block(self.cfg.remat)
+        if caches is None:
+            def layer(block, x_BLD):
+                x_BLD, _ = call(block, x_BLD, positions_BL, mask_B1LS, None)
+                return x_BLD, None
+
+            x_BLD, _ = nnx.scan(layer, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))(self.blocks, x_BLD)
+            return x_BLD, []
+        offset = caches[0][2]
+
+        def cached_layer(block, x_BLD, k_BSGK, v_BSGK):
+            return call(block, x_BLD, positions_BL, mask_B1LS, (k_BSGK, v_BSGK, offset))
+
+        x_BLD, (k_NBSGK, v_NBSGK) = nnx.scan(cached_layer, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(
+            self.blocks, x_BLD, jnp.stack([c[0] for c in caches]), jnp.stack([c[1] for c in caches]))
+        return x_BLD, list(zip(k_NBSGK, v_NBSGK))
 
 
 def _attention_weights(cfg: ModelConfig) -> int:

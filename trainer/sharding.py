@@ -86,10 +86,12 @@ def spec_for(logical: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh,
     return PartitionSpec(*spec)
 
 
-def _logical_axes(path) -> tuple[str, ...] | None:
+def _logical_axes(path, ndim: int) -> tuple[str, ...] | None:
     names = tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
     for suffix, axes in PARAM_AXES.items():
         if names[-len(suffix):] == suffix:
+            if len(axes) + 1 == ndim and "blocks" in names:
+                return ("layers", *axes)  # scanned blocks: no rule maps the stacked layer axis, it stays whole
             return axes
     return None
 
@@ -98,7 +100,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: dict[str, tuple[str,
     """NamedShardings for every leaf of the train state (params, optimizer moments, step, RNG)."""
 
     def one(path, leaf):
-        axes = _logical_axes(path)
+        axes = _logical_axes(path, len(leaf.shape))
         if axes is None or len(axes) != len(leaf.shape):
             return NamedSharding(mesh, PartitionSpec())  # counters, RNG, scalars: replicated
         return NamedSharding(mesh, spec_for(axes, leaf.shape, mesh, rules))

@@ -158,7 +158,7 @@ def check_init_source(cfg: Config, manifest: dict[str, Any]) -> None:
         raise checkpoint.TopologyError(f"train.init_from_run {source} is not a trainer run directory (no config.yaml)")
     other = config_lib.load(str(path), [])
     for field in ("hidden", "layers", "heads", "kv_heads", "head_dim", "mlp_hidden", "qk_norm", "tie_embeddings",
-                  "vocab_size"):
+                  "vocab_size", "scan_layers"):
         if getattr(other.model, field) != getattr(cfg.model, field):
             raise checkpoint.TopologyError(f"train.init_from_run {source} has model.{field}="
                                            f"{getattr(other.model, field)}, this run {getattr(cfg.model, field)}")
