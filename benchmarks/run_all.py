@@ -50,6 +50,10 @@ def main() -> None:
             summary["results"][name] = {
                 "command": " ".join(["python", os.path.relpath(command[1], os.path.dirname(HERE)), *command[2:-2]]),
                 **json.load(open(out.name))}
+    if os.path.exists(args.out):  # accelerator figures come from benchmarks/device.sh on another machine
+        device = json.load(open(args.out)).get("device")
+        if device:
+            summary["device"] = device
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)
         f.write("\n")

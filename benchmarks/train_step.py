@@ -38,22 +38,27 @@ SHAPES = {  # name: (hidden, layers, heads, mlp_hidden, seq_len, global_batch)
 VOCAB = 4096
 
 
-def step_flops(shape: tuple[int, ...], dtype: str, steps: int) -> dict:
-    """One compiled MDLM step over all local devices (fsdp across them), timed."""
+def shape_config(shape: tuple[int, ...], dtype: str) -> Config:
     hidden, layers, heads, mlp, seq, batch = shape
     cfg = Config(run_dir="unused")
     m = cfg.model
     m.vocab_size, m.hidden, m.layers, m.heads, m.mlp_hidden = VOCAB, hidden, layers, heads, mlp
     m.max_seq_len, m.compute_dtype = seq, dtype
     cfg.data.seq_len, cfg.train.global_batch = seq, batch
+    return cfg
+
+
+def step_flops(cfg: Config, steps: int) -> dict:
+    """One compiled step of cfg's objective over all local devices (its mesh), synthetic batch, timed."""
+    m, seq, batch = cfg.model, cfg.data.seq_len, cfg.train.global_batch
     tx, schedule = train.make_optimizer(cfg.optim, 1000)
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.parse_rules(cfg.mesh.rules)
     state, shardings = train.sharded_init(cfg, tx, mesh, rules)
     rows = sharding.batch_sharding(mesh, rules)
-    step = train.make_train_step(train.model_graphdef(cfg), cfg, VOCAB - 1, tx, schedule, shardings, rows)
+    step = train.make_train_step(train.model_graphdef(cfg), cfg, m.vocab_size - 1, tx, schedule, shardings, rows)
     rng = np.random.default_rng(0)
     batch_arrays = sharding.global_batch({
-        "tokens": rng.integers(0, VOCAB - 1, (batch, seq)).astype(np.int32),
+        "tokens": rng.integers(0, m.vocab_size - 1, (batch, seq)).astype(np.int32),
         "tokens_segment_ids": np.ones((batch, seq), np.int32),
         "tokens_positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
     }, rows)
@@ -77,12 +82,13 @@ def step_flops(shape: tuple[int, ...], dtype: str, steps: int) -> dict:
     }
 
 
-def loader_rates(batches: int) -> dict:
+def loader_rates(batches: int, workers: tuple[int, ...] = (0, 2), stories: int = 20_000) -> dict:
+    """Grain's packed batches (seq 256, batch 16) at each worker count against raw ArrayRecord reads."""
     with tempfile.TemporaryDirectory() as tmp:
-        stories = f"{tmp}/stories.txt"
-        corpus.write_tinystories_layout(corpus.generate_stories(20_000, seed=3), stories)
+        text = f"{tmp}/stories.txt"
+        corpus.write_tinystories_layout(corpus.generate_stories(stories, seed=3), text)
         out = f"{tmp}/data"
-        assert preprocess.main(["--dataset", "tinystories", "--input", stories, "--output", out]) == 0
+        assert preprocess.main(["--dataset", "tinystories", "--input", text, "--output", out]) == 0
         manifest = data.load_manifest(out)
         paths = data.shard_paths(out, manifest, "train")
         start = time.perf_counter()
@@ -95,17 +101,17 @@ def loader_rates(batches: int) -> dict:
         raw_rate = raw_tokens / (time.perf_counter() - start)
 
         result = {"raw_arrayrecord_tokens_per_s": round(raw_rate)}
-        for workers in (0, 2):
+        for count in workers:
             cfg = Config(run_dir="unused")
             cfg.data.path, cfg.data.seq_len, cfg.train.global_batch = out, 256, 16
-            cfg.data.num_workers = workers
+            cfg.data.num_workers = count
             iterator = data.train_iterator(cfg, manifest)
             next(iterator)  # worker start-up is not throughput
             start = time.perf_counter()
             packed = sum(int(np.count_nonzero(next(iterator)["tokens_segment_ids"])) for _ in range(batches))
             rate = packed / (time.perf_counter() - start)
-            result[f"grain_packed_tokens_per_s_workers_{workers}"] = round(rate)
-            result[f"ratio_workers_{workers}"] = round(rate / raw_rate, 3)
+            result[f"grain_packed_tokens_per_s_workers_{count}"] = round(rate)
+            result[f"ratio_workers_{count}"] = round(rate / raw_rate, 3)
     return result
 
 
@@ -115,8 +121,8 @@ def device_scaling(steps: int, dtype: str) -> dict:
     for devices in (1, 4):
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
         code = ("import json, sys; sys.argv = ['x']; sys.path.insert(0, 'benchmarks'); "
-                "from train_step import step_flops, SHAPES; "
-                f"print(json.dumps(step_flops(SHAPES['tiny'], {dtype!r}, {steps})))")
+                "from train_step import step_flops, shape_config, SHAPES; "
+                f"print(json.dumps(step_flops(shape_config(SHAPES['tiny'], {dtype!r}), {steps})))")
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                              check=True)
@@ -134,7 +140,7 @@ def main() -> None:
     peak = observe.measure_matmul_flops(args.dtype)
     configs = {}
     for name, shape in SHAPES.items():
-        result = step_flops(shape, args.dtype, args.steps)
+        result = step_flops(shape_config(shape, args.dtype), args.steps)
         result["mfu_vs_measured_matmul"] = round(result["model_flops_per_s"] / peak, 3)
         result["model_flops_per_s"] = round(result["model_flops_per_s"])
         configs[name] = result

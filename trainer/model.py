@@ -106,11 +106,6 @@ class Block(nnx.Module):
         return x_BLD + self.mlp(self.mlp_norm(x_BLD)), kv
 
 
-def _call_block(remat: bool):
-    call = lambda block, *args: block(*args)  # noqa: E731
-    return nnx.remat(call) if remat else call
-
-
 class Transformer(nnx.Module):
     """Blocks are a list, or with `scan_layers` one Block whose params carry a leading layer axis
     (`blocks.attn.q.kernel[i]` is layer i's `blocks.i.attn.q.kernel`), run under nnx.scan."""
@@ -151,29 +146,29 @@ class Transformer(nnx.Module):
         return logits_BLV.astype(jnp.float32), kvs
 
     def _unrolled(self, x_BLD, positions_BL, mask_B1LS, caches):
-        kvs, call = [], _call_block(self.cfg.remat)
+        kvs = []
         for i, block in enumerate(self.blocks):
+            call = nnx.remat(lambda b, *args: b(*args)) if self.cfg.remat else (lambda b, *args: b(*args))
             x_BLD, kv = call(block, x_BLD, positions_BL, mask_B1LS, None if caches is None else caches[i])
             kvs.append(kv)
         return x_BLD, kvs if caches is not None else []
 
     def _scanned(self, x_BLD, positions_BL, mask_B1LS, caches):
-        """One traced block for all layers; per-layer caches go in and come out stacked on axis 0."""
-        call = _call_block(self.cfg.remat)
-        if caches is None:
-            def layer(block, x_BLD):
-                x_BLD, _ = call(block, x_BLD, positions_BL, mask_B1LS, None)
-                return x_BLD, None
+        """One traced block for all layers (jax.lax.scan over the stacked params: pure JAX, so it also
+        runs inside the decoders' loops); per-layer caches go in and come out stacked on axis 0."""
+        graphdef, stacked = nnx.split(self.blocks)
 
-            x_BLD, _ = nnx.scan(layer, in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0))(self.blocks, x_BLD)
+        def layer(x_BLD, params, cache):
+            return nnx.merge(graphdef, params)(x_BLD, positions_BL, mask_B1LS, cache)
+
+        layer = jax.checkpoint(layer) if self.cfg.remat else layer
+        if caches is None:
+            x_BLD, _ = jax.lax.scan(lambda x, params: (layer(x, params, None)[0], None), x_BLD, stacked)
             return x_BLD, []
         offset = caches[0][2]
-
-        def cached_layer(block, x_BLD, k_BSGK, v_BSGK):
-            return call(block, x_BLD, positions_BL, mask_B1LS, (k_BSGK, v_BSGK, offset))
-
-        x_BLD, (k_NBSGK, v_NBSGK) = nnx.scan(cached_layer, in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))(
-            self.blocks, x_BLD, jnp.stack([c[0] for c in caches]), jnp.stack([c[1] for c in caches]))
+        x_BLD, (k_NBSGK, v_NBSGK) = jax.lax.scan(
+            lambda x, xs: layer(x, xs[0], (xs[1], xs[2], offset)), x_BLD,
+            (stacked, jnp.stack([c[0] for c in caches]), jnp.stack([c[1] for c in caches])))
         return x_BLD, list(zip(k_NBSGK, v_NBSGK))
 
 
