@@ -204,6 +204,26 @@ def test_data_order_is_a_function_of_the_seed(tiny_dataset):
     assert not all(np.array_equal(a, b) for a, b in zip(first_batches(1), first_batches(2)))
 
 
+def test_read_ahead_threads_change_neither_batches_nor_iterator_state(tiny_dataset):
+    def run(threads, state=None):
+        cfg, manifest = _config(tiny_dataset, seq_len=64)
+        cfg.data.read_threads, cfg.data.read_buffer = threads, 16
+        it = data.train_iterator(cfg, manifest)
+        if state is not None:
+            it.set_state(state)
+        batches = [next(it) for _ in range(4)]
+        return batches, it.get_state()
+
+    inline, inline_state = run(0)
+    threaded, threaded_state = run(16)
+    for a, b in zip(inline, threaded, strict=True):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert threaded_state == inline_state
+    resumed, _ = run(16, inline_state)  # a checkpoint from one setting resumes under the other
+    after, _ = run(0, inline_state)
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(resumed, after, strict=True) for k in a)
+
+
 # --------------------------------------------------------------------------- losses
 
 

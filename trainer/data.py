@@ -131,6 +131,12 @@ def documents(path: str, manifest: dict[str, Any], split: str) -> grain.MapDatas
     return grain.MapDataset.source(source).map(_Decode(len(schema["fields"]), schema["dtype"]))
 
 
+def read_options(cfg: Config) -> grain.ReadOptions:
+    # Grain's default (16 threads, 500 records ahead) polls every pending read per record: most of
+    # the loader's time on local disk, where reading in line is faster. Order is the same either way.
+    return grain.ReadOptions(num_threads=cfg.data.read_threads, prefetch_buffer_size=cfg.data.read_buffer)
+
+
 def packed_dataset(
     cfg: Config, manifest: dict[str, Any], split: str, batch_size: int, *, shuffle: bool,
     repeat: bool, process_index: int = 0, process_count: int = 1,
@@ -141,7 +147,7 @@ def packed_dataset(
         ds = ds.shuffle(seed=cfg.seed)
     if repeat:
         ds = ds.repeat()
-    ds = ds[process_index::process_count].to_iter_dataset()  # record-level sharding after the shuffle
+    ds = ds[process_index::process_count].to_iter_dataset(read_options(cfg))  # record-level sharding after shuffle
     ds = grain.experimental.FlatMapIterDataset(ds, _SplitLongDocuments(cfg.data.seq_len))
     ds = grain.experimental.FirstFitPackIterDataset(
         ds, length_struct={"tokens": cfg.data.seq_len}, num_packing_bins=cfg.data.packing_bins,
@@ -163,7 +169,7 @@ def trajectory_dataset(cfg: Config, manifest: dict[str, Any], split: str, batch_
     if repeat:
         ds = ds.repeat()
     row = _TrajectoryRow(cfg.data.seq_len, special_ids(manifest)["eos"], cfg.objective.supervised_eos)
-    ds = ds[process_index::process_count].map(row).to_iter_dataset()
+    ds = ds[process_index::process_count].map(row).to_iter_dataset(read_options(cfg))
     return ds.batch(batch_size, drop_remainder=repeat)
 
 
