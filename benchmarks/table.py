@@ -35,16 +35,37 @@ def train_step(r: dict) -> list[Row]:
     rows = [(f"train step, {name} ({c['params_m']}M params, {c['tokens_per_step']} tokens/step)",
              f"{c['model_flops_per_s'] / 1e9:.0f} GFLOP/s", peak, f"{c['mfu_vs_measured_matmul']}")
             for name, c in r["configs"].items()]
-    loader = r["loader"]
-    rows.append(("Grain packed batches, 0 / 2 workers",
-                 f"{_m(loader['grain_packed_tokens_per_s_workers_0'])} / "
-                 f"{_m(loader['grain_packed_tokens_per_s_workers_2'])} tokens/s",
-                 f"raw ArrayRecord bulk read {_m(loader['raw_arrayrecord_tokens_per_s'])} tokens/s",
-                 f"{loader['ratio_workers_0']} / {loader['ratio_workers_2']}"))
+    rows += loader(r["loader"])
     scaling = r["device_scaling"]
     rows.append(("tiny train step on 4 simulated devices (fsdp)", f"{scaling['devices_4_tokens_per_s']} tokens/s",
                  f"1 device {scaling['devices_1_tokens_per_s']} tokens/s", f"{scaling['ratio_4_vs_1']}"))
     return rows
+
+
+def loader(r: dict) -> list[Row]:
+    workers = sorted(int(k.rsplit("_", 1)[1]) for k in r if k.startswith("grain_packed_tokens_per_s_workers_"))
+    rates = " / ".join(_m(r[f"grain_packed_tokens_per_s_workers_{w}"]) for w in workers)
+    label = f"Grain packed batches, {' / '.join(map(str, workers))} workers"
+    rows = [(label, f"{rates} tokens/s", f"raw ArrayRecord bulk read {_m(r['raw_arrayrecord_tokens_per_s'])} tokens/s",
+             " / ".join(str(r[f"ratio_workers_{w}"]) for w in workers))]
+    if "numpy_packed_tokens_per_s" in r:
+        rows.append((label, f"{rates} tokens/s", f"numpy first-fit packer {_m(r['numpy_packed_tokens_per_s'])} tokens/s",
+                     " / ".join(str(r[f"ratio_vs_numpy_packed_workers_{w}"]) for w in workers)))
+    return rows
+
+
+def device(r: dict) -> list[Row]:
+    """benchmarks/device.sh on an accelerator: the seed-shaped step per kernel and length, SPD."""
+    train = r["train_step"]
+    rows = [(f"device {r['chip']}: seed-shaped train step, {name}",
+             c.get("error") or f"{c['tokens_per_s']} tokens/s, {c['step_seconds']} s/step",
+             f"peak {train['peak_flops_per_s'] / 1e12:.0f} TFLOP/s ({train['peak_source']})",
+             "" if "error" in c else f"MFU {c['mfu']}") for name, c in train["configs"].items()]
+    spd = r["decoding_spd_cached"]
+    return rows + [(f"device {r['chip']}: cached SPD, batch 1 / 32",
+                    f"{spd['batch_1']['tokens_per_s']} / {spd['batch_32']['tokens_per_s']} tokens/s", "", ""),
+                   *[(f"device {r['chip']}: {label}", figure, base, ratio) for label, figure, base, ratio
+                     in loader(r["loader"])]]
 
 
 def _median(value):
@@ -119,6 +140,8 @@ def render(latest: dict) -> str:
             lines.append(f"| {name} | failed | {' '.join(result['error'])} | |")
             continue
         lines += [f"| {' | '.join(cells)} |" for cells in RENDER[name](result)]
+    if "device" in latest:
+        lines += [f"| {' | '.join(cells)} |" for cells in device(latest["device"])]
     return "\n".join(lines)
 
 

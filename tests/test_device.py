@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import pathlib
 import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import table  # noqa: E402
 
 
 def test_device_script_runs_every_path_on_cpu(tmp_path):
@@ -24,6 +28,10 @@ def test_device_script_runs_every_path_on_cpu(tmp_path):
     for batch in (1, 32):
         decoded = report["decoding_spd_cached"][f"batch_{batch}"]
         assert decoded["tokens_per_s"] > 0 and decoded["forwards"] >= report["decoding_spd_cached"]["gen_length"] / 32
+    rows = table.device(report)  # what the README table shows once a device run is recorded
+    assert [row[0].split(": ", 1)[1] for row in rows[:2]] == ["seed-shaped train step, xla_seq64",
+                                                              "seed-shaped train step, xla_seq128"]
+    assert all(row[3].startswith("MFU ") for row in rows[:2]) and "cached SPD" in rows[2][0]
     refused = subprocess.run(["bash", "benchmarks/device.sh", "--tiny", "--record"], cwd=ROOT, capture_output=True,
                              text=True, timeout=300)
     assert refused.returncode == 1 and refused.stderr.strip().startswith("error: --record")
