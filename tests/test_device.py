@@ -21,7 +21,7 @@ def test_device_script_runs_every_path_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     configs = report["train_step"]["configs"]
-    assert set(configs) == {"xla_seq64", "xla_seq128"}
+    assert set(configs) == {"xla_seq64"}
     for setting in configs.values():
         assert "error" not in setting and 0 < setting["mfu"] and setting["tokens_per_s"] > 0
     assert report["loader"]["grain_packed_tokens_per_s_workers_4"] > 0
@@ -29,9 +29,8 @@ def test_device_script_runs_every_path_on_cpu(tmp_path):
         decoded = report["decoding_spd_cached"][f"batch_{batch}"]
         assert decoded["tokens_per_s"] > 0 and decoded["forwards"] >= report["decoding_spd_cached"]["gen_length"] / 32
     rows = table.device(report)  # what the README table shows once a device run is recorded
-    assert [row[0].split(": ", 1)[1] for row in rows[:2]] == ["seed-shaped train step, xla_seq64",
-                                                              "seed-shaped train step, xla_seq128"]
-    assert all(row[3].startswith("MFU ") for row in rows[:2]) and "cached SPD" in rows[2][0]
+    assert rows[0][0].endswith("seed-shaped train step, xla_seq64") and rows[0][3].startswith("MFU ")
+    assert "cached SPD" in rows[1][0] and "4 workers" in rows[2][0]
     refused = subprocess.run(["bash", "benchmarks/device.sh", "--tiny", "--record"], cwd=ROOT, capture_output=True,
                              text=True, timeout=300)
     assert refused.returncode == 1 and refused.stderr.strip().startswith("error: --record")

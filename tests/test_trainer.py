@@ -402,8 +402,9 @@ def test_an_uncommitted_step_is_never_read(tiny_overrides, tmp_path, capsys):
 
 
 def test_bfloat16_compute_keeps_float32_params(tiny_overrides, tmp_path):
+    # The seed config's settings: bf16 compute, remat, scanned layers.
     cfg = config_lib.load(None, [*tiny_overrides, "model.compute_dtype=bfloat16", "model.remat=true",
-                                 "train.steps=3", "train.checkpoint_every=3"])
+                                 "model.scan_layers=true", "train.steps=3", "train.checkpoint_every=3"])
     tx, _ = train.make_optimizer(cfg.optim, 3)
     cfg.model.vocab_size = 64
     state = train.init_state(cfg, tx)
