@@ -4,10 +4,9 @@ the Grain loader with 4 workers, and cached SPD decoding at batch 1 and 32, as o
     bash benchmarks/device.sh --record         # on a GPU/TPU host, a few minutes; kept in latest.json
     python benchmarks/device.py --tiny         # the same code paths on CPU, tiny shapes (CI)
 
-Train step: `configs/tinystories_seed.yaml` (hidden 1280 x 16 layers, bf16, remat, layers under
-nnx.scan) on a synthetic batch at seq 512 and 2048 (--tiny: one
-short length), with every attention kernel this platform has
-(xla everywhere, cudnn on NVIDIA GPUs); MFU = model FLOP/s over the spec-sheet bf16 peak of one
+Train step: `configs/tinystories_seed.yaml` (hidden 1280 x 16 layers, bf16, remat, scanned
+layers) on a synthetic batch at seq 512 and 2048 (--tiny: one short length), with every
+attention kernel this platform has (xla everywhere, cudnn on NVIDIA GPUs); MFU = model FLOP/s over the spec-sheet bf16 peak of one
 chip (measured matmul FLOP/s where no spec is known). Decoding: a freshly initialised model of
 the same shape (block diffusion, block 32) decodes 256 tokens after 16-token prompts with
 `spd_cached` (no revision); an untrained model commits about one token per forward, so tokens/s
