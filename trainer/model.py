@@ -108,7 +108,7 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
     """Blocks are a list, or with `scan_layers` one Block whose params carry a leading layer axis
-    (`blocks.attn.q.kernel[i]` is layer i's `blocks.i.attn.q.kernel`), run under nnx.scan."""
+    (`blocks.attn.q.kernel[i]` is layer i's `blocks.i.attn.q.kernel`), run under jax.lax.scan."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         check_platform(cfg)
