@@ -147,8 +147,8 @@ class Transformer(nnx.Module):
 
     def _unrolled(self, x_BLD, positions_BL, mask_B1LS, caches):
         kvs = []
+        call = nnx.remat(lambda b, *args: b(*args)) if self.cfg.remat else (lambda b, *args: b(*args))
         for i, block in enumerate(self.blocks):
-            call = nnx.remat(lambda b, *args: b(*args)) if self.cfg.remat else (lambda b, *args: b(*args))
             x_BLD, kv = call(block, x_BLD, positions_BL, mask_B1LS, None if caches is None else caches[i])
             kvs.append(kv)
         return x_BLD, kvs if caches is not None else []
