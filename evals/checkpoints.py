@@ -23,7 +23,7 @@ def load_config(run_dir: str) -> config_lib.Config:
         raise RunError(f"run directory {run_dir} does not exist")
     if not (path / "config.yaml").exists():
         raise RunError(f"{run_dir} is not a trainer run directory (no config.yaml)")
-    return config_lib.load(str(path / "config.yaml"), [])
+    return config_lib.load_run(path)
 
 
 def eval_data(run_cfg: config_lib.Config, data_path: str) -> dict[str, Any]:

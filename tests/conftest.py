@@ -61,7 +61,7 @@ def tiny_dataset(tmp_path_factory, story_file) -> pathlib.Path:
 
 
 TINY_MODEL = ["model.hidden=32", "model.layers=2", "model.heads=2", "model.mlp_hidden=64",
-              "model.max_seq_len=64", "data.seq_len=64", "data.packing_bins=8", "train.global_batch=8",
+              "model.max_seq_len=64", "data.seq_len=64", "data.pack_documents=64", "train.global_batch=8",
               "optim.warmup_steps=5", "optim.lr=3e-3", "wandb.mode=disabled", "train.log_every=1"]
 
 

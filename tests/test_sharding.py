@@ -123,15 +123,20 @@ def test_resume_onto_another_mesh_continues_the_run(tiny_dataset, tmp_path, sing
     np.testing.assert_allclose(losses(run_dir), single_device_losses, rtol=2e-4)
 
 
-def test_resuming_with_another_process_count_is_refused(tiny_dataset, tmp_path, capsys):
+@pytest.mark.parametrize("record, refusal", [
+    ('{"process_count": 2, "data_order": 2}', "trained by 2 process(es)"),
+    ('{"process_count": 1}', "trained under data order 1 and this trainer reads data order 2"),  # an older run
+])
+def test_resuming_with_another_process_count_or_data_order_is_refused(tiny_dataset, tmp_path, capsys, record,
+                                                                        refusal):
     from trainer import __main__ as cli
 
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "processes.json").write_text('{"process_count": 2}')
+    (run_dir / "checkpoints" / "processes.json").write_text(record)
     assert cli.main([f"data.path={tiny_dataset}", f"run_dir={run_dir}", *TINY_MODEL, "train.steps=2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "trained by 2 process(es)" in err and len(err.splitlines()) == 1
+    assert err.startswith("error: ") and refusal in err and len(err.splitlines()) == 1
 
 
 def test_mesh_config_errors():

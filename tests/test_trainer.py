@@ -21,7 +21,7 @@ from flax import nnx
 
 from trainer import __main__ as cli
 from trainer import config as config_lib
-from trainer import data, hf, loss, train
+from trainer import data, hf, loss, packing, train
 from trainer.config import Config, ModelConfig, ObjectiveConfig
 from trainer.model import Transformer, attention_mask, param_count
 
@@ -60,6 +60,12 @@ def test_config_errors_name_the_key(capsys, tiny_overrides, tmp_path):
                           ("objective.block_size=0", "objective.block_size"), ("model.layers=0", "model.layers")]:
         assert key in cli_error(capsys, *tiny_overrides, override, "objective.name=oput")
     assert not (tmp_path / "run").exists()  # refused before anything was written
+    assert "data.packing_bins is retired: replaced by data.pack_documents" in cli_error(
+        capsys, *tiny_overrides, "data.packing_bins=8")
+    older_run = tmp_path / "older_run"  # a run an older trainer wrote keeps loading (evals read it)
+    older_run.mkdir()
+    (older_run / "config.yaml").write_text("run_dir: older_run\ndata: {path: d, packing_bins: 32}\n")
+    assert config_lib.load_run(older_run).data.path == "d"
 
 
 def test_a_run_resumes_only_with_its_own_model(capsys, tiny_overrides, tmp_path):
@@ -110,7 +116,7 @@ def test_dataset_mismatches_are_refused(capsys, tiny_dataset, tiny_overrides, tm
 
 def _config(tiny_dataset, seq_len=32, seed=0) -> tuple[Config, dict]:
     cfg = Config(run_dir="unused", seed=seed)
-    cfg.data.path, cfg.data.seq_len, cfg.data.packing_bins = str(tiny_dataset), seq_len, 4
+    cfg.data.path, cfg.data.seq_len, cfg.data.pack_documents = str(tiny_dataset), seq_len, 16
     cfg.train.global_batch = 4
     return cfg, data.load_manifest(str(tiny_dataset))
 
@@ -135,6 +141,47 @@ def test_packing_splits_long_documents_loses_no_token_and_never_mixes(tiny_datas
         for record in grain.sources.ArrayRecordDataSource([str(tiny_dataset / shard["file"])]):
             source.update(np.frombuffer(record, "<u2", offset=4).tolist())
     assert packed == source and sum(source.values()) == manifest["splits"]["validation"]["num_tokens"]
+
+
+@pytest.mark.parametrize("row_len", [8, 64])
+def test_best_fit_packing_keeps_every_token_once_in_nearly_full_rows(row_len):
+    rng = np.random.default_rng(row_len)
+    documents = [rng.integers(1, 1000, n) for n in rng.integers(1, 3 * row_len, 300)]
+    rows = packing.pack(documents, row_len)
+    tokens, segments, positions = rows["tokens"], rows["tokens_segment_ids"], rows["tokens_positions"]
+    pieces = []
+    for r in range(len(tokens)):
+        assert sorted(set(segments[r][segments[r] > 0].tolist())) == list(range(1, segments[r].max() + 1))
+        for seg in range(1, segments[r].max() + 1):
+            where = np.flatnonzero(segments[r] == seg)
+            assert (np.diff(where) == 1).all() and (positions[r, where] == np.arange(len(where))).all()
+            pieces.append(tuple(tokens[r, where].tolist()))
+        assert (tokens[r][segments[r] == 0] == 0).all()
+    expected = [tuple(d[i:i + row_len].tolist()) for d in documents for i in range(0, len(d), row_len)]
+    assert sorted(pieces) == sorted(expected)  # every piece exactly once, split at row_len, never mixed
+    total = sum(len(d) for d in documents)
+    assert len(tokens) <= 11 / 9 * -(-total // row_len) + 1  # best-fit decreasing's bound
+    shuffled = packing.pack(documents, row_len, np.random.default_rng(0))
+    assert sorted(map(bytes, shuffled["tokens"])) == sorted(map(bytes, tokens))  # rng permutes rows only
+    assert not np.array_equal(shuffled["tokens"], tokens)
+
+
+def test_a_restored_iterator_continues_from_any_batch(tiny_dataset):
+    """The state after each batch, restored into a fresh iterator, gives the batches that followed,
+    whether it falls inside a packed chunk or at its end."""
+    cfg, manifest = _config(tiny_dataset, seq_len=64)
+    cfg.data.pack_documents = 8  # a few batches per chunk: states land inside and across chunks
+    it = data.train_iterator(cfg, manifest)
+    states, batches = [], []
+    for _ in range(12):
+        states.append(it.get_state())
+        batches.append(next(it))
+    for k in range(12):
+        resumed = data.train_iterator(cfg, manifest)
+        resumed.set_state(states[k])
+        for expected in batches[k:k + 3]:
+            got = next(resumed)
+            assert all(np.array_equal(got[key], expected[key]) for key in expected)
 
 
 def test_attention_never_crosses_packed_documents():

@@ -42,20 +42,26 @@ class TopologyError(Exception):
     """Resuming with another number of data-loading processes: one line, exit code 2."""
 
 
-def check_process_count(run_dir: str) -> None:
-    """Grain's iterator state is one per process, so a run resumes only with the process count that
-    wrote it (devices per process and the mesh may change). The first start records the count."""
+def check_data_state(run_dir: str, data_order: int) -> None:
+    """Grain's iterator state is one per process and means something only under the data order that
+    wrote it, so a run resumes only with the process count and data order it started with (devices
+    per process and the mesh may change). The first start records both."""
     import jax
 
     record = epath.Path(run_dir) / "checkpoints" / "processes.json"
     if record.exists():
-        saved = json.loads(record.read_text())["process_count"]
-        if saved != jax.process_count():
-            raise TopologyError(f"{run_dir} was trained by {saved} process(es); its data-iterator state cannot "
-                                f"resume on {jax.process_count()}: use {saved} processes or a new run_dir")
+        saved = json.loads(record.read_text())
+        if saved["process_count"] != jax.process_count():
+            raise TopologyError(f"{run_dir} was trained by {saved['process_count']} process(es); its data-iterator "
+                                f"state cannot resume on {jax.process_count()}: use {saved['process_count']} "
+                                f"processes or a new run_dir")
+        if saved.get("data_order", 1) != data_order:  # runs before the record held it used order 1
+            raise TopologyError(f"{run_dir} was trained under data order {saved.get('data_order', 1)} and this "
+                                f"trainer reads data order {data_order}: its data-iterator state cannot resume; "
+                                f"start a new run_dir (train.init_from_run={run_dir} keeps its weights)")
     elif jax.process_index() == 0:
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"process_count": jax.process_count()}))
+        record.write_text(json.dumps({"process_count": jax.process_count(), "data_order": data_order}))
 
 
 def restore_latest(mngr: ocp.CheckpointManager, state: dict[str, Any], iterator) -> dict[str, Any] | None:

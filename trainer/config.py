@@ -14,6 +14,11 @@ BLOCK_DIFFUSION = ("bd3lm", "oput")
 OBJECTIVES = ("mdlm", "bd3lm", "ar", "oput")
 
 
+# Keys older trainers wrote into a run's config.yaml: refused in a user's config (with what replaced
+# them), skipped when reading a run's saved config (so older runs stay readable by evals).
+RETIRED = {"data.packing_bins": "replaced by data.pack_documents (data order 2: chunks packed best-fit)"}
+
+
 class ConfigError(Exception):
     """A config problem: reported as one line naming the key, exit code 2."""
 
@@ -43,11 +48,11 @@ class ModelConfig:
 class DataConfig:
     path: str = ""  # a preprocess output directory (local or gs://)
     seq_len: int = 256  # packed row length
-    packing_bins: int = 32  # rows filled at once by first-fit packing
+    pack_documents: int = 1024  # documents read and packed together (rows never mix chunks; data order 2)
     num_workers: int = 0  # Grain worker processes (0 = in the trainer process)
     prefetch: int = 2  # batches each worker prepares ahead
-    read_threads: int = 0  # threads reading records ahead (0 = read in line: fastest on local disk; use ~16 for gs://)
-    read_buffer: int = 64  # records read ahead when read_threads > 0
+    read_threads: int = 0  # threads reading chunks ahead (0 = read in line: fastest on local disk; use ~4 for gs://)
+    read_buffer: int = 4  # chunks read ahead when read_threads > 0
     streams: int = 0  # loader streams per global batch, a multiple of the process count (0 = one per process)
     verify: str = "full"  # shard check at start: full (sha256 of every shard) | quick (record counts)
 
@@ -138,7 +143,7 @@ class Config:
             (m.attention != "cudnn" or m.compute_dtype == "bfloat16", "model.attention",
              "cudnn needs model.compute_dtype=bfloat16 (cuDNN's fused attention has no float32 kernel)"),
             (0 < d.seq_len <= m.max_seq_len, "data.seq_len", f"must be in [1, model.max_seq_len={m.max_seq_len}]"),
-            (d.packing_bins >= 1, "data.packing_bins", "must be at least 1"),
+            (d.pack_documents >= 1, "data.pack_documents", "must be at least 1"),
             (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
             (d.verify in ("full", "quick"), "data.verify", "must be full or quick"),
             (self.objective.name in OBJECTIVES, "objective.name", f"must be one of {', '.join(OBJECTIVES)}"),
@@ -187,17 +192,21 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def _apply(target: Any, values: dict[str, Any], prefix: str = "") -> None:
+def _apply(target: Any, values: dict[str, Any], prefix: str = "", saved: bool = False) -> None:
     fields = {f.name: f for f in dataclasses.fields(target)}
     for name, value in values.items():
         key = f"{prefix}{name}"
+        if key in RETIRED and saved:
+            continue
+        if key in RETIRED:
+            raise ConfigError(f"{key} is retired: {RETIRED[key]}")
         if name not in fields:
             raise ConfigError(f"{key} is not a config key (known: {', '.join(sorted(fields))})")
         current = getattr(target, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key} must be a mapping")
-            _apply(current, value, f"{key}.")
+            _apply(current, value, f"{key}.", saved)
         else:
             setattr(target, name, _check_type(key, value, fields[name].type))
 
@@ -220,8 +229,14 @@ def load(path: str | None, overrides: list[str]) -> Config:
     return load_into(Config(), path, overrides)
 
 
-def load_into(config: Any, path: str | None, overrides: list[str]) -> Any:
-    """Fills a config dataclass from a YAML file, then `key=value` overrides; checks keys and types."""
+def load_run(run_dir: Any) -> Config:
+    """A run's saved config.yaml, written by this trainer or an older one (retired keys skipped)."""
+    return load_into(Config(), str(epath.Path(run_dir) / "config.yaml"), [], saved=True)
+
+
+def load_into(config: Any, path: str | None, overrides: list[str], saved: bool = False) -> Any:
+    """Fills a config dataclass from a YAML file, then `key=value` overrides; checks keys and types.
+    `saved`: the file is a run's own config.yaml (retired keys are skipped, not refused)."""
     if path is not None:
         try:
             values = yaml.safe_load(epath.Path(path).read_text()) or {}
@@ -233,7 +248,7 @@ def load_into(config: Any, path: str | None, overrides: list[str]) -> Any:
             raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys")
-        _apply(config, values)
+        _apply(config, values, saved=saved)
     for assignment in overrides:
         _apply(config, _override(assignment))
     return config

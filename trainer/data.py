@@ -1,10 +1,13 @@
 """Training batches from a preprocess output: manifest checks and the Grain pipeline.
 
-ArrayRecord shards (manifest order) -> global seeded shuffle -> repeat (reshuffled each
-epoch) -> this process's records -> decode -> split documents longer than seq_len ->
-first-fit packing into seq_len rows (tokens, segment ids, positions) -> batch ->
-optional multiprocess prefetch. The order is a pure function of (seed, step), and the
-iterator's state is checkpointed with the model.
+Record indices (manifest order) -> global seeded shuffle -> repeat (reshuffled each
+epoch) -> this stream's indices -> chunks of `data.pack_documents` -> one batched read and
+decode per chunk -> pack the chunk into seq_len rows (trainer/packing.py: tokens, segment
+ids, positions) -> rows rebatched to the batch size -> optional multiprocess prefetch.
+Grain handles a chunk, not a document, per element: its per-element machinery costs more
+than reading and packing a document. The order is a pure function of (seed, step), and
+the iterator's state (the chunk being consumed and the row within it) is checkpointed
+with the model.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import grain
 import numpy as np
 from etils import epath
 
+from trainer import packing
 from trainer.config import Config, ModelConfig
 
 FORMAT_VERSION = 1
-# Longest document, in rows of seq_len, that splitting accepts (Grain needs a bound).
-MAX_ROWS_PER_DOCUMENT = 4096
+# Which documents share a row and which rows form a batch; a checkpointed iterator state resumes
+# only under the order that wrote it. 1: Grain's first-fit packer over single documents.
+# 2: chunks of data.pack_documents packed best-fit decreasing.
+DATA_ORDER = 2
 
 
 class DataError(Exception):
@@ -86,19 +92,6 @@ class _Decode(grain.transforms.Map):
         return {"tokens": ids.astype(np.int32), "prompt_len": np.int32(lengths[:-1].sum())}
 
 
-class _SplitLongDocuments(grain.experimental.FlatMapTransform):
-    """A document longer than seq_len becomes consecutive seq_len pieces: split, never dropped."""
-
-    max_fan_out = MAX_ROWS_PER_DOCUMENT
-
-    def __init__(self, seq_len: int):
-        self._seq_len = seq_len
-
-    def flat_map(self, element):
-        tokens = element["tokens"]
-        return [{"tokens": tokens[i : i + self._seq_len]} for i in range(0, len(tokens), self._seq_len)]
-
-
 class _TrajectoryRow(grain.transforms.Map):
     """One prompt + response example in a fixed row (no packing: examples never see each other).
 
@@ -132,9 +125,49 @@ def documents(path: str, manifest: dict[str, Any], split: str) -> grain.MapDatas
 
 
 def read_options(cfg: Config) -> grain.ReadOptions:
-    # Grain's default (16 threads, 500 records ahead) polls every pending read per record: most of
-    # the loader's time on local disk, where reading in line is faster. Order is the same either way.
+    # Grain's default (16 threads, 500 elements ahead) polls every pending read per element: slower
+    # than reading in line on local disk. Order is the same either way.
     return grain.ReadOptions(num_threads=cfg.data.read_threads, prefetch_buffer_size=cfg.data.read_buffer)
+
+
+class _Chunks(grain.MapDataset):
+    """Runs of `size` consecutive elements of an index dataset, each one int64 array (the last may be
+    short). Fetched through Grain's batched `_getitems` (the path its batch pushdown uses): one pass
+    through shuffle/repeat/slice per chunk instead of one per element, which cost more than the
+    read itself."""
+
+    def __init__(self, parent: grain.MapDataset, size: int):
+        super().__init__(parent)
+        self._size = size
+
+    def __len__(self) -> int:
+        return -(-len(self._parent) // self._size)
+
+    def __getitem__(self, chunk):
+        if isinstance(chunk, slice):
+            return self.slice(chunk)
+        start = chunk * self._size
+        indices = range(start, min(start + self._size, len(self._parent)))
+        return np.asarray(self._parent._getitems(list(indices)), np.int64)  # noqa: SLF001 (Grain's batched read)
+
+    def __str__(self) -> str:
+        return f"_Chunks(size={self._size})"
+
+
+class _ReadAndPack(grain.experimental.MapWithIndexTransform):
+    """A chunk of record indices -> its documents packed into rows ([R, seq_len] arrays)."""
+
+    def __init__(self, paths: list[str], schema: dict[str, Any], seq_len: int, seed: int | None, stream: int):
+        self._source = grain.sources.ArrayRecordDataSource(paths)
+        self._header = 4 * len(schema["fields"])
+        self._dtype = np.dtype(schema["dtype"]).newbyteorder("<")
+        self._seq_len, self._seed, self._stream = seq_len, seed, stream
+
+    def map_with_index(self, index: int, indices_N: np.ndarray) -> dict[str, np.ndarray]:
+        records = self._source.__getitems__(indices_N.tolist())  # one call: the reads run in parallel
+        documents = [np.frombuffer(r, self._dtype, offset=self._header) for r in records]
+        rng = None if self._seed is None else np.random.default_rng([self._seed, self._stream, index])
+        return packing.pack(documents, self._seq_len, rng)
 
 
 def packed_dataset(
@@ -142,18 +175,17 @@ def packed_dataset(
     repeat: bool, process_index: int = 0, process_count: int = 1,
 ) -> grain.IterDataset:
     """Batches of {tokens, tokens_segment_ids, tokens_positions}, each [batch_size, seq_len] int32."""
-    ds = documents(cfg.data.path, manifest, split)
+    paths = shard_paths(cfg.data.path, manifest, split)
+    ds = grain.MapDataset.range(len(grain.sources.ArrayRecordDataSource(paths)))
     if shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     if repeat:
         ds = ds.repeat()
-    ds = ds[process_index::process_count].to_iter_dataset(read_options(cfg))  # record-level sharding after shuffle
-    ds = grain.experimental.FlatMapIterDataset(ds, _SplitLongDocuments(cfg.data.seq_len))
-    ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct={"tokens": cfg.data.seq_len}, num_packing_bins=cfg.data.packing_bins,
-        seed=cfg.seed, shuffle_bins=shuffle,
-    )
-    return ds.batch(batch_size, drop_remainder=repeat)
+    ds = ds[process_index::process_count]  # record-level sharding after the global shuffle
+    ds = _Chunks(ds, cfg.data.pack_documents).map_with_index(_ReadAndPack(
+        paths, manifest["record_schema"], cfg.data.seq_len, cfg.seed if shuffle else None, process_index))
+    rows = ds.to_iter_dataset(read_options(cfg))
+    return grain.experimental.RebatchIterDataset(rows, batch_size, drop_remainder=repeat)
 
 
 def trajectory_dataset(cfg: Config, manifest: dict[str, Any], split: str, batch_size: int, *, shuffle: bool,

@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
         run = epath.Path(args.run_dir)
         if not (run / "config.yaml").exists():
             raise config_lib.ConfigError(f"{args.run_dir} is not a trainer run directory (no config.yaml)")
-        cfg = config_lib.load(str(run / "config.yaml"), [])
+        cfg = config_lib.load_run(run)
         mngr = checkpoint.reader(args.run_dir)
         steps = mngr.all_steps()
         step = args.step if args.step is not None else max(steps, default=None)

@@ -141,7 +141,7 @@ def check_resume(cfg: Config) -> None:
     path, checkpoints = epath.Path(cfg.run_dir) / "config.yaml", epath.Path(cfg.run_dir) / "checkpoints"
     if not path.exists() or not checkpoints.exists() or checkpoint.reader(cfg.run_dir).latest_step() is None:
         return  # nothing trained yet: nothing to protect
-    saved = config_lib.load(str(path), []).model
+    saved = config_lib.load_run(cfg.run_dir).model
     for field in dataclasses.fields(saved):
         if field.name != "init_from" and getattr(saved, field.name) != getattr(cfg.model, field.name):
             raise checkpoint.TopologyError(
@@ -156,7 +156,7 @@ def check_init_source(cfg: Config, manifest: dict[str, Any]) -> None:
     path = epath.Path(source) / "config.yaml"
     if not path.exists():
         raise checkpoint.TopologyError(f"train.init_from_run {source} is not a trainer run directory (no config.yaml)")
-    other = config_lib.load(str(path), [])
+    other = config_lib.load_run(source)
     for field in ("hidden", "layers", "heads", "kv_heads", "head_dim", "mlp_hidden", "qk_norm", "tie_embeddings",
                   "vocab_size", "scan_layers"):
         if getattr(other.model, field) != getattr(cfg.model, field):
@@ -224,7 +224,7 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None) 
     state, shardings = sharded_init(cfg, tx, mesh, rules)
     iterator = data.train_iterator(cfg, manifest, jax.process_index(), jax.process_count())
     mngr = checkpoint.manager(cfg.run_dir, cfg.train)
-    checkpoint.check_process_count(cfg.run_dir)
+    checkpoint.check_data_state(cfg.run_dir, data.DATA_ORDER)
     restored = checkpoint.restore_latest(mngr, state, iterator)  # onto this run's mesh, whatever saved it
     if restored is not None:
         state = restored
