@@ -5,7 +5,8 @@
 Prints JSON: the job's tokens/s with 1 and 2 DirectRunner (FnApiRunner) workers, raw
 `Tokenizer.encode_batch_fast` (no offsets, the fastest path) tokens/s on one process over the
 same documents, their ratios, and the job's peak memory (RSS) on 1x and 4x the input (one
-worker; Beam's local runner holds each GroupByKey in memory, which Dataflow's shuffle does not).
+worker; the job spills tokenized batches to per-shard files on local runners, whose
+GroupByKey is in memory, so memory should stay flat in the input size).
 The job runs with `--tokenizer` (trained once beforehand) so both sides do the same work: read,
 tokenize; the job also validates, shuffles, sorts and writes shards.
 """

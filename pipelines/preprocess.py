@@ -7,6 +7,11 @@ hash -> [train a BPE on a hash-chosen sample of the train split] -> tokenize -> 
 (split, shard) -> sort by key, write each shard locally and copy it into place -> manifest
 last. Every choice derives from content hashes, so output bytes do not depend on the
 runner, the worker count or arrival order.
+
+Local runners hold a GroupByKey in memory, so there each tokenized batch is spilled to a
+local file per shard and only the file names are grouped: the job holds one batch and one
+shard's records at a time, never the corpus. Dataflow groups the records themselves (its
+shuffle is disk-backed; its workers share no disk).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import dataclasses
 import fnmatch
 import os
 import pathlib
+import pickle
 import re
 import shutil
 import sys
@@ -43,6 +49,7 @@ from pipelines.sources import UserError
 
 NAMESPACE = "preprocess"
 DEFAULT_LOCAL_RUNNER = "FnApiRunner"  # DirectRunner first tries Prism, a download
+LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "BundleBasedDirectRunner", "PrismRunner")  # one machine, one disk
 _FAILURE = JOB_FAILURE_PREFIX
 
 
@@ -78,10 +85,12 @@ class ReadAndValidate(beam.DoFn):
 
 
 class Tokenize(beam.DoFn):
-    """A batch of (split, Document) -> ((split, shard), (key, record bytes, token count))."""
+    """A batch of (split, Document) -> ((split, shard), (key, record bytes, token count)), or with
+    `spill_dir` ((split, shard), the path of a file holding the batch's items of that shard)."""
 
-    def __init__(self, config: PreprocessConfig):
+    def __init__(self, config: PreprocessConfig, spill_dir: str | None = None):
         self._config = config
+        self._spill_dir = spill_dir
         self._json: str | None = None
 
     def _load(self, tokenizer_json: str) -> None:
@@ -107,15 +116,37 @@ class Tokenize(beam.DoFn):
         else:
             fields = [[bos + ids + eos] for ids in self._encode([d.texts[0] for d in docs])]
         tokens = Metrics.counter(NAMESPACE, "tokens")
+        by_shard: dict[tuple[str, int], list] = {}
         for (split, doc), doc_fields in zip(batch, fields):
             count = sum(len(f) for f in doc_fields)
             tokens.inc(count)
             shard = records.shard_of(doc.key, self._num_shards(split))
-            yield (split, shard), (doc.key, records.encode(doc_fields, self._dtype), count)
+            by_shard.setdefault((split, shard), []).append((doc.key, records.encode(doc_fields, self._dtype), count))
+        for shard, items in by_shard.items():
+            if self._spill_dir is None:
+                yield from ((shard, item) for item in items)
+            else:  # a retried batch writes new files; only the names of the attempt that counts are grouped
+                path = os.path.join(self._spill_dir, f"{shard[0]}-{shard[1]:05d}-{uuid.uuid4().hex}.pkl")
+                with open(path, "wb") as f:
+                    pickle.dump(items, f, protocol=pickle.HIGHEST_PROTOCOL)
+                yield shard, path
 
     def _num_shards(self, split: str) -> int:
         c = self._config
         return c.num_shards if split == "train" else c.num_validation_shards
+
+
+def _shard_items(grouped) -> list[tuple[str, bytes, int]]:
+    """A shard's grouped values -> its (key, record, token count) items: records themselves, spill
+    file names (their items are read back), and the None placeholder that makes empty shards exist."""
+    items = []
+    for value in grouped:
+        if isinstance(value, str):
+            with open(value, "rb") as f:
+                items.extend(pickle.load(f))
+        elif value is not None:
+            items.append(value)
+    return items
 
 
 class WriteShard(beam.DoFn):
@@ -126,10 +157,10 @@ class WriteShard(beam.DoFn):
         self._shard_counts = shard_counts
 
     def process(self, element):
-        (split, index), items = element
+        (split, index), grouped = element
         # Sorting by key (then bytes, for identical documents) fixes the order whatever
-        # the arrival order; None marks the placeholder that makes empty shards exist.
-        rows = sorted(item for item in items if item is not None)
+        # the arrival order or spill files.
+        rows = sorted(_shard_items(grouped))
         name = records.shard_name(split, index, self._shard_counts[split])
         with tempfile.TemporaryDirectory() as tmp:
             local = f"{tmp}/{name}"
@@ -206,7 +237,7 @@ def train_tokenizer(train_docs, config: PreprocessConfig):
 
 def build_pipeline(
     pipeline: beam.Pipeline, config: PreprocessConfig, units: list[sources.WorkUnit],
-    sources_read: list[str], tokenizer_json: str | None,
+    sources_read: list[str], tokenizer_json: str | None, spill_dir: str | None = None,
 ) -> None:
     out = config.output
     shard_counts = {"train": config.num_shards, "validation": config.num_validation_shards}
@@ -234,7 +265,7 @@ def build_pipeline(
     encoded = (
         docs
         | "Batch" >> beam.BatchElements(min_batch_size=256, max_batch_size=4096)
-        | "Tokenize" >> beam.ParDo(Tokenize(config), tokenizer_side)
+        | "Tokenize" >> beam.ParDo(Tokenize(config, spill_dir), tokenizer_side)
     )
     shards = (
         (encoded, placeholders)
@@ -368,9 +399,11 @@ def run(config: PreprocessConfig, beam_args: list[str]):
     units, sources_read = plan(config)
     staging = prepare_output(config)
     target = config if staging is None else dataclasses.replace(config, output=staging)
+    local = options.view_as(StandardOptions).runner in LOCAL_RUNNERS
+    spill_dir = tempfile.mkdtemp(prefix="preprocess-spill-") if local else None
     try:
         pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, target, units, sources_read, tokenizer_json)
+        build_pipeline(pipeline, target, units, sources_read, tokenizer_json, spill_dir)
         result = pipeline.run()
         result.wait_until_finish()
     except BaseException:
@@ -381,6 +414,9 @@ def run(config: PreprocessConfig, beam_args: list[str]):
             else:
                 shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if spill_dir is not None:
+            shutil.rmtree(spill_dir, ignore_errors=True)
     if staging is not None:
         _replace_directory(staging, config.output)
     return result

@@ -9,6 +9,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -116,14 +117,19 @@ def test_record_ids_are_the_tokenizers_own_encoding(stories_out, stories):
     assert got and all(g in ids for g in got)
 
 
-def test_rerun_and_two_workers_are_byte_identical(stories_out, story_file, tmp_path):
+def test_rerun_two_workers_and_unspilled_records_are_byte_identical(stories_out, story_file, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where local runs spill
     args = ["--dataset", "tinystories", "--input", story_file, "--num_shards", 3,
             "--vocab_size", 600, "--validation_fraction", 0.1]
     assert run_job(*args, "--output", tmp_path / "again", "--read_chunk_bytes", 100_000) == 0
     assert run_job(*args, "--output", tmp_path / "two", "--direct_num_workers", 2,
                    "--direct_running_mode", "multi_processing") == 0
-    assert_identical_dirs(stories_out, tmp_path / "again")
-    assert_identical_dirs(stories_out, tmp_path / "two")
+    monkeypatch.setattr(preprocess, "LOCAL_RUNNERS", ())  # records through the GroupByKey, as on Dataflow
+    assert run_job(*args, "--output", tmp_path / "grouped") == 0
+    for out in ("again", "two", "grouped"):
+        assert_identical_dirs(stories_out, tmp_path / out)
+    assert not list(tmp_path.glob("preprocess-spill-*"))  # spill files go with the job
 
 
 def test_summary_reports_counters(story_file, tmp_path, capsys):
@@ -278,15 +284,19 @@ def test_bad_records_go_to_dead_letters_and_good_ones_land(messy_inputs, tmp_pat
 def test_too_many_bad_records_fail_with_one_line_and_no_manifest(messy_inputs, tmp_path):
     inputs, _ = messy_inputs
     out = tmp_path / "o"
+    spill_root = tmp_path / "tmp"
+    spill_root.mkdir()
     result = subprocess.run(
         [sys.executable, "-m", "pipelines.preprocess", "--dataset", "tinystories", "--input",
          f"{inputs}/*", "--output", str(out), "--vocab_size", "300", "--max_doc_chars", "4000",
-         "--max_bad_fraction", "0.01"], capture_output=True, text=True, timeout=300)
+         "--max_bad_fraction", "0.01"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TMPDIR": str(spill_root)})
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: 6 of 206 records are bad")
     assert "Traceback" not in result.stderr
     assert not (out / "manifest.json").exists()
     assert (out / "dead_letter.jsonl").exists()
+    assert not list(spill_root.glob("preprocess-spill-*"))  # a failed job removes its spill files too
 
 
 def test_a_failed_overwrite_keeps_the_finished_dataset(messy_inputs, story_file, tmp_path):
