@@ -70,6 +70,7 @@ class ReadAndValidate(beam.DoFn):
 
     def __init__(self, config: PreprocessConfig):
         self._config = config
+        self._documents = {split: Metrics.counter(NAMESPACE, f"documents_{split}") for split in manifest.SPLITS}
 
     def process(self, unit: sources.WorkUnit):
         c = self._config
@@ -80,7 +81,7 @@ class ReadAndValidate(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(self.BAD, result)
             else:
                 split = records.split_of(result.key, c.validation_fraction)
-                Metrics.counter(NAMESPACE, f"documents_{split}").inc()
+                self._documents[split].inc()  # made once: a counter per document cost ~10 us
                 yield split, result
 
 
