@@ -20,9 +20,9 @@ import dataclasses
 import fnmatch
 import os
 import pathlib
-import pickle
 import re
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -127,14 +127,37 @@ class Tokenize(beam.DoFn):
             if self._spill_dir is None:
                 yield from ((shard, item) for item in items)
             else:  # a retried batch writes new files; only the names of the attempt that counts are grouped
-                path = os.path.join(self._spill_dir, f"{shard[0]}-{shard[1]:05d}-{uuid.uuid4().hex}.pkl")
-                with open(path, "wb") as f:
-                    pickle.dump(items, f, protocol=pickle.HIGHEST_PROTOCOL)
+                path = os.path.join(self._spill_dir, f"{shard[0]}-{shard[1]:05d}-{uuid.uuid4().hex}.spill")
+                _write_spill(path, items)
                 yield shard, path
 
     def _num_shards(self, split: str) -> int:
         c = self._config
         return c.num_shards if split == "train" else c.num_validation_shards
+
+
+_SPILL_ITEM = "<III"  # key length, record length, token count; then key and record bytes
+
+
+def _write_spill(path: str, items: list[tuple[str, bytes, int]]) -> None:
+    with open(path, "wb") as f:
+        for key, record, count in items:
+            encoded = key.encode("ascii")
+            f.write(struct.pack(_SPILL_ITEM, len(encoded), len(record), count) + encoded + record)
+
+
+def _read_spill(path: str) -> list[tuple[str, bytes, int]]:
+    """A spill file's items; plain bytes and lengths, no code (pickle would run whatever it finds)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    items, at = [], 0
+    while at < len(data):
+        key_len, record_len, count = struct.unpack_from(_SPILL_ITEM, data, at)
+        at += struct.calcsize(_SPILL_ITEM)
+        key, record = data[at:at + key_len].decode("ascii"), data[at + key_len:at + key_len + record_len]
+        items.append((key, record, count))
+        at += key_len + record_len
+    return items
 
 
 def _shard_items(grouped) -> list[tuple[str, bytes, int]]:
@@ -143,8 +166,7 @@ def _shard_items(grouped) -> list[tuple[str, bytes, int]]:
     items = []
     for value in grouped:
         if isinstance(value, str):
-            with open(value, "rb") as f:
-                items.extend(pickle.load(f))
+            items.extend(_read_spill(value))
         elif value is not None:
             items.append(value)
     return items
