@@ -81,7 +81,7 @@ class ReadAndValidate(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(self.BAD, result)
             else:
                 split = records.split_of(result.key, c.validation_fraction)
-                self._documents[split].inc()  # made once: a counter per document cost ~10 us
+                self._documents[split].inc()  # made once: one per document cost ~13 us under cProfile
                 yield split, result
 
 
