@@ -16,6 +16,7 @@ shuffle is disk-backed; its workers share no disk).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import fnmatch
 import os
@@ -31,6 +32,7 @@ import uuid
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.transforms.window import GlobalWindows
 from apache_beam.options.pipeline_options import (
     PipelineOptions,
     SetupOptions,
@@ -64,7 +66,9 @@ class JobFailure(RuntimeError):
 
 
 class ReadAndValidate(beam.DoFn):
-    """Work unit -> (split, Document), or a BadRecord on the 'bad' output."""
+    """Work unit -> batches of up to `batch_docs` (split, Document), or a BadRecord on the 'bad' output.
+
+    Batches, not documents, travel the graph: Beam's per-element cost is paid once per batch."""
 
     BAD = "bad"
 
@@ -74,25 +78,47 @@ class ReadAndValidate(beam.DoFn):
 
     def process(self, unit: sources.WorkUnit):
         c = self._config
+        batch: list[tuple[str, Document]] = []
         for raw in sources.read_unit(unit, c.tfds_data_dir):
             result = documents.validate(raw, c.dataset, c.text_field, c.max_doc_chars)
             if isinstance(result, BadRecord):
                 Metrics.counter(NAMESPACE, f"bad_records_{result.reason}").inc()
                 yield beam.pvalue.TaggedOutput(self.BAD, result)
-            else:
-                split = records.split_of(result.key, c.validation_fraction)
-                self._documents[split].inc()  # made once: one per document cost ~13 us under cProfile
-                yield split, result
+                continue
+            batch.append((records.split_of(result.key, c.validation_fraction), result))
+            if len(batch) == c.batch_docs:
+                yield self._counted(batch)
+                batch = []
+        if batch:
+            yield self._counted(batch)
+
+    def _counted(self, batch: list[tuple[str, Document]]) -> list[tuple[str, Document]]:
+        for split, counter in self._documents.items():
+            counter.inc(sum(s == split for s, _ in batch))
+        return batch
 
 
 class Tokenize(beam.DoFn):
     """A batch of (split, Document) -> ((split, shard), (key, record bytes, token count)), or with
-    `spill_dir` ((split, shard), the path of a file holding the batch's items of that shard)."""
+    `spill_dir` ((split, shard), the path of a file holding the batch's items of that shard).
+
+    The tokenizer runs one batch ahead on a thread: it releases the GIL and spreads a batch over
+    every core, so while it encodes batch k+1 this thread builds batch k's records and reads and
+    validates upstream. Records leave in the bundle's batch order all the same."""
 
     def __init__(self, config: PreprocessConfig, spill_dir: str | None = None):
         self._config = config
         self._spill_dir = spill_dir
         self._json: str | None = None
+
+    def setup(self):
+        self._encoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+
+    def teardown(self):
+        self._encoder.shutdown()
+
+    def start_bundle(self):
+        self._pending: tuple[list, concurrent.futures.Future] | None = None
 
     def _load(self, tokenizer_json: str) -> None:
         if tokenizer_json != self._json:
@@ -101,28 +127,40 @@ class Tokenize(beam.DoFn):
             self._dtype = records.token_dtype(self._tokenizer.get_vocab_size(with_added_tokens=True))
             self._json = tokenizer_json
 
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        # encode_batch_fast skips character offsets, which records never store: same ids, less work.
-        return [e.ids for e in self._tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-
     def process(self, batch: list[tuple[str, Document]], tokenizer_json: str):
         self._load(tokenizer_json)
+        ahead = (batch, self._encoder.submit(self._fields, self._tokenizer, [doc for _, doc in batch]))
+        pending, self._pending = self._pending, ahead
+        if pending is not None:
+            yield from self._records(*pending)
+
+    def finish_bundle(self):
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            for element in self._records(*pending):
+                yield GlobalWindows.windowed_value(element)
+
+    def _fields(self, tok, docs: list[Document]) -> list[list[list[int]]]:
+        """The batch's record fields, field-major: [bos + text + eos], or [bos + prompt], [response + eos]."""
+        def encode(texts: list[str]) -> list[list[int]]:
+            # encode_batch_fast skips character offsets, which records never store: same ids, less work.
+            return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+
         bos = [] if self._ids.bos is None else [self._ids.bos]
         eos = [self._ids.eos]
-        docs = [doc for _, doc in batch]
         if self._config.dataset == "dmax_trajectories":
-            prompts = self._encode([d.texts[0] + self._config.prompt_suffix for d in docs])
-            responses = self._encode([d.texts[1] for d in docs])
-            fields = [[bos + p, r + eos] for p, r in zip(prompts, responses)]
-        else:
-            fields = [[bos + ids + eos] for ids in self._encode([d.texts[0] for d in docs])]
-        tokens = Metrics.counter(NAMESPACE, "tokens")
+            prompts = encode([d.texts[0] + self._config.prompt_suffix for d in docs])
+            responses = encode([d.texts[1] for d in docs])
+            return [[bos + p for p in prompts], [r + eos for r in responses]]
+        return [[bos + ids + eos for ids in encode([d.texts[0] for d in docs])]]
+
+    def _records(self, batch: list[tuple[str, Document]], fields: concurrent.futures.Future):
+        encoded, counts = records.encode_batch(fields.result(), self._dtype)
+        Metrics.counter(NAMESPACE, "tokens").inc(int(counts.sum()))
         by_shard: dict[tuple[str, int], list] = {}
-        for (split, doc), doc_fields in zip(batch, fields):
-            count = sum(len(f) for f in doc_fields)
-            tokens.inc(count)
+        for (split, doc), record, count in zip(batch, encoded, counts.tolist()):
             shard = records.shard_of(doc.key, self._num_shards(split))
-            by_shard.setdefault((split, shard), []).append((doc.key, records.encode(doc_fields, self._dtype), count))
+            by_shard.setdefault((split, shard), []).append((doc.key, record, count))
         for shard, items in by_shard.items():
             if self._spill_dir is None:
                 yield from ((shard, item) for item in items)
@@ -175,9 +213,10 @@ def _shard_items(grouped) -> list[tuple[str, bytes, int]]:
 class WriteShard(beam.DoFn):
     """(split, shard) + its records -> the shard file in place, sorted by key; its ShardInfo."""
 
-    def __init__(self, output: str, shard_counts: dict[str, int]):
+    def __init__(self, output: str, shard_counts: dict[str, int], compression: str):
         self._output = output
         self._shard_counts = shard_counts
+        self._options = f"group_size:1,{compression}"  # one record per chunk: random access reads one chunk
 
     def process(self, element):
         (split, index), grouped = element
@@ -187,7 +226,7 @@ class WriteShard(beam.DoFn):
         name = records.shard_name(split, index, self._shard_counts[split])
         with tempfile.TemporaryDirectory() as tmp:
             local = f"{tmp}/{name}"
-            writer = ArrayRecordWriter(local, "group_size:1")
+            writer = ArrayRecordWriter(local, self._options)
             for _, record, _ in rows:
                 writer.write(record)
             writer.close()
@@ -242,15 +281,15 @@ def write_manifest(
 # --------------------------------------------------------------------------- graph
 
 
-def _training_text(doc: Document) -> tuple[str, str]:
-    return doc.key, "\n".join(doc.texts)
+def _training_texts(batch: list[tuple[str, Document]]) -> list[tuple[str, str]]:
+    return [(doc.key, "\n".join(doc.texts)) for split, doc in batch if split == "train"]
 
 
-def train_tokenizer(train_docs, config: PreprocessConfig):
+def train_tokenizer(batches, config: PreprocessConfig):
     """A singleton PCollection: the JSON of a BPE trained on the lowest-hash train documents."""
     return (
-        train_docs
-        | "TextForTokenizer" >> beam.Map(_training_text)
+        batches
+        | "TrainTexts" >> beam.FlatMap(_training_texts)
         | "SampleForTokenizer" >> beam.combiners.Top.Smallest(config.tokenizer_train_docs)
         | "TrainBPE" >> beam.Map(
             lambda sample: tokenizer.train_bpe((text for _, text in sample), config.vocab_size)
@@ -270,14 +309,13 @@ def build_pipeline(
         | "WorkUnits" >> beam.Create(units)
         | "SpreadUnits" >> beam.Reshuffle()
         | "ReadAndValidate" >> beam.ParDo(ReadAndValidate(config)).with_outputs(
-            ReadAndValidate.BAD, main="docs"
+            ReadAndValidate.BAD, main="batches"
         )
     )
-    docs, bad = parsed.docs, parsed[ReadAndValidate.BAD]
+    batches, bad = parsed.batches, parsed[ReadAndValidate.BAD]
 
     if tokenizer_json is None:
-        train_docs = docs | "TrainSplit" >> beam.Filter(lambda kv: kv[0] == "train") | beam.Values()
-        tokenizer_pc = train_tokenizer(train_docs, config)
+        tokenizer_pc = train_tokenizer(batches, config)
     else:
         tokenizer_pc = pipeline | "GivenTokenizer" >> beam.Create([tokenizer_json])
     tokenizer_side = beam.pvalue.AsSingleton(tokenizer_pc)
@@ -285,16 +323,12 @@ def build_pipeline(
     placeholders = pipeline | "EveryShard" >> beam.Create(
         [((split, i), None) for split, count in shard_counts.items() for i in range(count)]
     )
-    encoded = (
-        docs
-        | "Batch" >> beam.BatchElements(min_batch_size=256, max_batch_size=4096)
-        | "Tokenize" >> beam.ParDo(Tokenize(config, spill_dir), tokenizer_side)
-    )
+    encoded = batches | "Tokenize" >> beam.ParDo(Tokenize(config, spill_dir), tokenizer_side)
     shards = (
         (encoded, placeholders)
         | "WithEmptyShards" >> beam.Flatten()
         | "GroupByShard" >> beam.GroupByKey()
-        | "WriteShards" >> beam.ParDo(WriteShard(out, shard_counts))
+        | "WriteShards" >> beam.ParDo(WriteShard(out, shard_counts, config.shard_compression))
     )
     dead_letters = (
         bad

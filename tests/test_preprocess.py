@@ -109,6 +109,15 @@ def test_validation_split_follows_content_hash(stories_out, stories):
     assert m["splits"]["validation"]["num_records"] == len(expected)
 
 
+def test_batch_encoding_round_trips_every_field_of_every_record():
+    fields_FD = [[[1, 2], [], [65_535]], [[5], [6, 7, 8], []]]  # two fields, empty ones included
+    for dtype in (np.dtype("<u2"), np.dtype("<u4")):
+        encoded, counts = records.encode_batch(fields_FD, dtype)
+        assert counts.tolist() == [3, 3, 1]
+        for d, record in enumerate(encoded):
+            assert [f.tolist() for f in records.decode(record, 2, dtype)] == [fields_FD[0][d], fields_FD[1][d]]
+
+
 def test_record_ids_are_the_tokenizers_own_encoding(stories_out, stories):
     # The job encodes without offsets (encode_batch_fast); ids must equal the plain encode's.
     tok = Tokenizer.from_file(str(stories_out / "tokenizer.json"))
@@ -122,7 +131,8 @@ def test_rerun_two_workers_and_unspilled_records_are_byte_identical(stories_out,
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where local runs spill
     args = ["--dataset", "tinystories", "--input", story_file, "--num_shards", 3,
             "--vocab_size", 600, "--validation_fraction", 0.1]
-    assert run_job(*args, "--output", tmp_path / "again", "--read_chunk_bytes", 100_000) == 0
+    # Other read units, and batches of 7 documents: the tokenizer's one-batch lookahead spans batches.
+    assert run_job(*args, "--output", tmp_path / "again", "--read_chunk_bytes", 100_000, "--batch_docs", 7) == 0
     assert run_job(*args, "--output", tmp_path / "two", "--direct_num_workers", 2,
                    "--direct_running_mode", "multi_processing") == 0
     monkeypatch.setattr(preprocess, "LOCAL_RUNNERS", ())  # records through the GroupByKey, as on Dataflow
@@ -143,13 +153,16 @@ def test_summary_reports_counters(story_file, tmp_path, capsys):
 def test_given_tokenizer_is_used_and_declared(stories_out, story_file, tmp_path):
     assert run_job("--dataset", "tinystories", "--input", story_file, "--output", tmp_path / "o",
                    "--tokenizer", stories_out / "tokenizer.json", "--num_shards", 3,
-                   "--validation_fraction", 0.1) == 0
+                   "--validation_fraction", 0.1, "--shard_compression", "brotli") == 0
     m = manifest.load(str(tmp_path / "o"))
     assert m["tokenizer"]["trained_by_job"] is False
+    assert m["options"]["shard_compression"] == "brotli"
     assert (tmp_path / "o" / "tokenizer.json").read_bytes() == (stories_out / "tokenizer.json").read_bytes()
-    for split in manifest.SPLITS:  # same tokenizer, same options: the same records
+    for split in manifest.SPLITS:  # same tokenizer, same options but compression: the same records
         a = [f[0].tolist() for f in decoded_records(stories_out, split)]
         assert a == [f[0].tolist() for f in decoded_records(tmp_path / "o", split)]
+    shard = m["splits"]["train"]["shards"][0]["file"]  # the same records, other chunk bytes
+    assert (tmp_path / "o" / shard).read_bytes() != (stories_out / shard).read_bytes()
 
 
 def _tokenizer_json(specials: list[str], path, mask_id: int | None = None) -> str:
