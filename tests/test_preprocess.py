@@ -148,6 +148,8 @@ def test_summary_reports_counters(story_file, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "documents   train" in out and "shards      9 written" in out
     assert "bad records none" in out
+    m = manifest.load(str(tmp_path / "o"))  # counted where the records are made, batch by batch
+    assert f"tokens      {sum(m['splits'][s]['num_tokens'] for s in manifest.SPLITS):,} (" in out
 
 
 def test_given_tokenizer_is_used_and_declared(stories_out, story_file, tmp_path):
