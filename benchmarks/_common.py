@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from evals import checkpoints
-from trainer import checkpoint
+from evals import runs
+from trainer import state
 
 
 def emit(report: dict[str, Any], out: str | None) -> None:
@@ -20,6 +20,6 @@ def emit(report: dict[str, Any], out: str | None) -> None:
 
 def latest(run_dir: str):
     """(run config, (graphdef, params)) of the run's newest committed checkpoint."""
-    cfg = checkpoints.load_config(run_dir)
-    mngr = checkpoint.reader(run_dir)
-    return cfg, checkpoints.restore_params(mngr, checkpoints.committed_steps(mngr)[-1], cfg)
+    cfg = runs.load_config(run_dir)
+    graphdef, params, _ = state.load_params(run_dir, cfg=cfg)
+    return cfg, (graphdef, params)

@@ -32,7 +32,7 @@ import tempfile
 import jax
 from _common import emit, latest
 
-from evals import perplexity, quality, report, sampling
+from evals import decoders, perplexity, quality, report
 from evals.config import SamplingConfig
 from trainer import data
 
@@ -83,13 +83,14 @@ def make_runs(tmp: str, args) -> dict[str, str]:
 def decode_table(run_dir: str, prompt, ids, judge, thresholds: list[float], gen_length: int) -> dict:
     """Every matched sampler of the run (threshold samplers at each threshold) on the given prompts."""
     run_cfg, model = latest(run_dir)
-    names = [n for n in sampling.matched(run_cfg.objective.name) if n != "spd"]  # spd_cached: same tokens, faster
+    # A decoder with a cached twin is left out: the twin gives the same tokens, faster.
+    names = [n for n in decoders.fitting(run_cfg.objective.name) if decoders.get(n).cached_twin is None]
     base = SamplingConfig(prompt_tokens=PROMPT_LEN, gen_length=gen_length, steps=32, top_k=1)
-    _, base = sampling.plan(",".join(names), base, run_cfg)
+    _, base = decoders.plan(",".join(names), base, run_cfg)
     rows = {}
     for name in names:
-        for spec in [name] if sampling.is_one_token(name, base) else [f"{name}@{t}" for t in thresholds]:
-            out = sampling.generate(spec, *model, prompt, base, ids["mask"], ids["eos"], jax.random.key(0))
+        for spec in [name] if decoders.is_one_token(name, base) else [f"{name}@{t}" for t in thresholds]:
+            out = decoders.generate(spec, *model, prompt, base, ids["mask"], ids["eos"], jax.random.key(0))
             row = quality.sampler_metrics(out, PROMPT_LEN, ids["eos"], judge)
             rows[spec] = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
     return {"objective": run_cfg.objective.name, "block_length": base.block_length, "revise": base.revise,

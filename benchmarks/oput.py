@@ -33,7 +33,8 @@ import numpy as np
 from _common import emit, latest
 from tokenizers import Tokenizer
 
-from evals import decoding, quality, sampling
+from evals import decoders, quality
+from evals.decoders.common import generated_lengths
 from evals.config import SamplingConfig
 from trainer import data
 
@@ -90,8 +91,8 @@ def decode_all(sampler: str, model, groups, cfg: SamplingConfig, ids, reference,
     nll = 0.0
     texts = []
     for prompt_len, (prompt, answers) in groups.items():
-        out = sampling.generate(sampler, *model, prompt, cfg, ids["mask"], ids["eos"], jax.random.key(0))
-        lengths = decoding.generated_lengths(out, prompt_len, ids["eos"])
+        out = decoders.generate(sampler, *model, prompt, cfg, ids["mask"], ids["eos"], jax.random.key(0))
+        lengths = generated_lengths(out, prompt_len, ids["eos"])
         ppl = quality.generative_perplexity(*reference, out.tokens, prompt_len, lengths)
         nll += math.log(ppl) * lengths.sum()
         tokens += int(lengths.sum())

@@ -22,13 +22,13 @@ import tempfile
 
 from _common import emit
 
-from pipelines import corpus, manifest, preprocess
+from pipelines import corpus, manifest, preprocess, steps
 
 PARTS = {  # part: (file suffix, function name[, the method]) of the cProfile entry whose cumulative time it is
     "waiting_for_tokenizer": ("concurrent/futures/_base.py", "result"),
-    "tokenize_step": ("pipelines/preprocess.py", "_records", preprocess.Tokenize._records),
-    "read_and_validate": ("pipelines/preprocess.py", "process", preprocess.ReadAndValidate.process),
-    "write_shards": ("pipelines/preprocess.py", "process", preprocess.WriteShard.process),
+    "tokenize_step": ("pipelines/steps.py", "_records", steps.Tokenize._records),
+    "read_and_validate": ("pipelines/steps.py", "process", steps.ReadAndValidate.process),
+    "write_shards": ("pipelines/steps.py", "process", steps.WriteShard.process),
 }
 
 

@@ -22,7 +22,8 @@ from flax import nnx
 from train_step import SHAPES, VOCAB, shape_config, step_flops
 
 from trainer import observe
-from trainer.model import Attention, SwiGLU, attention_mask
+from trainer.attention import Segments
+from trainer.model import Attention, SwiGLU
 
 
 def timed_grad(loss, args, steps: int) -> float:
@@ -42,7 +43,7 @@ def parts(name: str, steps: int, peak: float) -> dict:
     rngs = nnx.Rngs(0)
     x = jax.random.normal(jax.random.key(0), (batch, seq, hidden))
     positions = jnp.tile(jnp.arange(seq), (batch, 1))
-    mask = attention_mask(jnp.ones((batch, seq), jnp.int32), causal=False)
+    mask = Segments(jnp.ones((batch, seq), jnp.int32), causal=False)
     attention, attention_weights = nnx.split(Attention(cfg.model, rngs))
     swiglu, swiglu_weights = nnx.split(SwiGLU(cfg.model, rngs))
     embedding = jax.random.normal(jax.random.key(1), (VOCAB, hidden)) * 0.02

@@ -60,17 +60,22 @@ def loader(r: dict) -> list[Row]:
 
 
 def device(r: dict) -> list[Row]:
-    """benchmarks/device.sh on an accelerator: the seed-shaped step per kernel and length, SPD."""
+    """benchmarks/device.sh on an accelerator: the seed-shaped step per objective and shape, cached
+    decoding per forward against a bare forward, the 4-worker loader."""
     train = r["train_step"]
-    rows = [(f"device {r['chip']}: seed-shaped train step, {name}",
-             c.get("error") or f"{c['tokens_per_s']} tokens/s, {c['step_seconds']} s/step",
-             f"peak {train['peak_flops_per_s'] / 1e12:.0f} TFLOP/s ({train['peak_source']})",
-             "" if "error" in c else f"MFU {c['mfu']}") for name, c in train["configs"].items()]
-    spd = r["decoding_spd_cached"]
-    return rows + [(f"device {r['chip']}: cached SPD, batch 1 / 32",
-                    f"{spd['batch_1']['tokens_per_s']} / {spd['batch_32']['tokens_per_s']} tokens/s", "", ""),
-                   *[(f"device {r['chip']}: {label}", figure, base, ratio) for label, figure, base, ratio
-                     in loader(r["loader"])]]
+    peak = f"peak {train['peak_flops_per_s'] / 1e12:.0f} TFLOP/s ({train['peak_source']})"
+    rows = [(f"device {r['chip']}: seed-shaped train step, {name} ({c.get('attention', '')}, remat {train['remat']})",
+             c.get("error") or f"{c['tokens_per_s']} tokens/s, {c['step_seconds']} s/step, compile "
+                               f"{c['compile_seconds']} s, {c.get('device_peak_gib', c.get('xla_memory_gib'))} GiB",
+             peak, "" if "error" in c else f"MFU {c['mfu']} (executed {c['mfu_executed']})")
+            for name, c in train["configs"].items()]
+    for batch, row in ((k, v) for k, v in r["decoding"].items() if k.startswith("batch_")):
+        rows += [(f"device {r['chip']}: {name} decoding, {batch.replace('_', ' ')}",
+                  f"{row[name]['ms_per_forward']} ms/forward, {row[name]['tokens_per_s']} tokens/s",
+                  f"bare forward {row['bare_forward_ms']} ms", f"{row[name]['per_forward_vs_bare']}")
+                 for name in ("spd_cached", "one_token")]
+    return rows + [(f"device {r['chip']}: {label}", figure, base, ratio) for label, figure, base, ratio
+                   in loader(r["loader"])]
 
 
 def _median(value):

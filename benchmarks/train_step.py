@@ -28,8 +28,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
 from _common import emit
-from pipelines import corpus, preprocess
-from trainer import data, observe, packing, sharding, train
+from trainer import data, objectives, observe, packing, sharding, state, train
 from trainer.config import Config
 from trainer.model import param_count, train_flops_per_token
 
@@ -50,38 +49,59 @@ def shape_config(shape: tuple[int, ...], dtype: str) -> Config:
     return cfg
 
 
+def synthetic_batch(cfg: Config) -> dict[str, np.ndarray]:
+    """A global batch of the rows cfg's objective reads: full rows of random tokens (one document per
+    text row; trajectory rows with a prompt of an eighth of the row)."""
+    batch, seq, vocab = cfg.train.global_batch, cfg.data.seq_len, cfg.model.vocab_size
+    tokens = np.random.default_rng(0).integers(0, vocab - 1, (batch, seq)).astype(np.int32)
+    if objectives.get(cfg.objective.name).batch == objectives.registry.TRAJECTORY:
+        prompt = seq // 8
+        return {"tokens": tokens, "prompt_len": np.full(batch, prompt, np.int32),
+                "loss_mask": np.broadcast_to(np.arange(seq) >= prompt, (batch, seq)).copy(),
+                "truncated": np.zeros(batch, np.int32)}
+    return {"tokens": tokens, "tokens_segment_ids": np.ones((batch, seq), np.int32),
+            "tokens_positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1))}
+
+
 def step_flops(cfg: Config, steps: int) -> dict:
-    """One compiled step of cfg's objective over all local devices (its mesh), synthetic batch, timed."""
+    """One compiled step of cfg's objective over all local devices (its mesh), synthetic batch, timed:
+    compile seconds, step time, tokens/s, model FLOP/s (each token once, and as executed: two streams,
+    a rollout) and the step's memory (XLA's buffer assignment; the device's own peak where it says)."""
     m, seq, batch = cfg.model, cfg.data.seq_len, cfg.train.global_batch
-    tx, schedule = train.make_optimizer(cfg.optim, 1000)
+    tx, schedule = state.make_optimizer(cfg.optim, 1000)
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.parse_rules(cfg.mesh.rules)
-    state, shardings = train.sharded_init(cfg, tx, mesh, rules)
+    train_state, shardings = state.sharded_init(cfg, tx, mesh, rules)
     rows = sharding.batch_sharding(mesh, rules)
-    step = train.make_train_step(train.model_graphdef(cfg), cfg, m.vocab_size - 1, tx, schedule, shardings, rows)
-    rng = np.random.default_rng(0)
-    batch_arrays = sharding.global_batch({
-        "tokens": rng.integers(0, m.vocab_size - 1, (batch, seq)).astype(np.int32),
-        "tokens_segment_ids": np.ones((batch, seq), np.int32),
-        "tokens_positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
-    }, rows)
+    step = train.make_train_step(state.model_graphdef(cfg), cfg, m.vocab_size - 1, tx, schedule, shardings, rows)
+    batch_arrays = sharding.global_batch(synthetic_batch(cfg), rows)
     start = time.perf_counter()
-    state, metrics = step(state, batch_arrays)
-    jax.block_until_ready(metrics)
+    compiled = step.lower(train_state, batch_arrays).compile()
     compile_seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    train_state, metrics = compiled(train_state, batch_arrays)  # warm-up
+    jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(steps):
-        state, metrics = step(state, batch_arrays)
+        train_state, metrics = compiled(train_state, batch_arrays)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / steps
     tokens = batch * seq
-    return {
+    device_stats = jax.local_devices()[0].memory_stats() or {}
+    result = {
         "params_m": round(param_count(m) / 1e6, 2),
         "tokens_per_step": tokens,
         "step_seconds": round(seconds, 4),
         "compile_seconds": round(compile_seconds, 2),
         "tokens_per_s": round(tokens / seconds),
         "model_flops_per_s": train_flops_per_token(m, seq) * tokens / seconds,
+        "executed_flops_per_s": objectives.get(cfg.objective.name).flops_per_token(m, seq) * tokens / seconds,
     }
+    if memory is not None:
+        result["xla_memory_gib"] = round((memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                                          + memory.output_size_in_bytes - memory.alias_size_in_bytes) / 2**30, 3)
+    if "peak_bytes_in_use" in device_stats:
+        result["device_peak_gib"] = round(device_stats["peak_bytes_in_use"] / 2**30, 3)
+    return result
 
 
 NUMPY_OPEN_ROWS = 32  # rows the numpy first-fit baseline keeps open (Grain's old packer's default here)
@@ -141,45 +161,51 @@ def same_packer_rows(paths: list[str], cfg: Config):
             "tokens_segment_ids"]
 
 
-def loader_rates(batches: int, workers: tuple[int, ...] = (0, 1, 2), stories: int = 20_000) -> dict:
-    """Grain's packed batches (seq 256, batch 16) at each worker count against the two baselines on
-    the same shuffled records and against raw sequential ArrayRecord reads, and the loader
-    processes a host of 8 chips would need for the seed config."""
-    with tempfile.TemporaryDirectory() as tmp:
-        text = f"{tmp}/stories.txt"
-        corpus.write_tinystories_layout(corpus.generate_stories(stories, seed=3), text)
-        out = f"{tmp}/data"
-        assert preprocess.main(["--dataset", "tinystories", "--input", text, "--output", out]) == 0
-        manifest = data.load_manifest(out)
-        paths = data.shard_paths(out, manifest, "train")
-        start = time.perf_counter()
-        raw_tokens = 0
-        for path in paths:
-            reader = ArrayRecordReader(path)
-            for record in reader.read_all():
-                raw_tokens += len(np.frombuffer(record, "<u2", offset=4).astype(np.int32))
-            reader.close()
-        raw_rate = raw_tokens / (time.perf_counter() - start)
+def story_dataset(directory: str, stories: int) -> str:
+    """Generated stories preprocessed by the Beam job into `directory`/data (imports Beam)."""
+    from pipelines import corpus, preprocess
 
-        cfg = Config(run_dir="unused")
-        cfg.data.path, cfg.data.seq_len, cfg.train.global_batch = out, 256, 16
-        wanted = batches * cfg.train.global_batch
-        baselines = {"numpy_packed": _timed_rows(numpy_first_fit_rows(paths, cfg), wanted),
-                     "same_packer": _timed_rows(same_packer_rows(paths, cfg), wanted)}
-        result = {"raw_arrayrecord_tokens_per_s": round(raw_rate),
-                  **{f"{name}_tokens_per_s": round(rate) for name, rate in baselines.items()}}
-        for count in workers:
-            cfg.data.num_workers = count
-            iterator = data.train_iterator(cfg, manifest)
-            next(iterator)  # worker start-up is not throughput
-            rate = _timed_rows((next(iterator)["tokens_segment_ids"] for _ in range(batches)), wanted)
-            result[f"grain_packed_tokens_per_s_workers_{count}"] = round(rate)
-            for name, baseline in baselines.items():
-                result[f"ratio_vs_{name}_workers_{count}"] = round(rate / baseline, 3)
-            result[f"ratio_workers_{count}"] = round(rate / raw_rate, 3)
-        per_process = result[f"grain_packed_tokens_per_s_workers_{min(workers)}"] / max(min(workers), 1)
-        result["seed_host_tokens_per_s"] = SEED_TOKENS_PER_S_PER_CHIP * CHIPS_PER_HOST
-        result["loader_processes_per_8_chip_host"] = int(np.ceil(result["seed_host_tokens_per_s"] / per_process))
+    text = f"{directory}/stories.txt"
+    corpus.write_tinystories_layout(corpus.generate_stories(stories, seed=3), text)
+    out = f"{directory}/data"
+    assert preprocess.main(["--dataset", "tinystories", "--input", text, "--output", out]) == 0
+    return out
+
+
+def loader_rates(out: str, batches: int, workers: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """Grain's packed batches (seq 256, batch 16) of the dataset `out` at each worker count against
+    the two baselines on the same shuffled records and against raw sequential ArrayRecord reads, and
+    the loader processes a host of 8 chips would need for the seed config."""
+    manifest = data.load_manifest(out)
+    paths = data.shard_paths(out, manifest, "train")
+    start = time.perf_counter()
+    raw_tokens = 0
+    for path in paths:
+        reader = ArrayRecordReader(path)
+        for record in reader.read_all():
+            raw_tokens += len(np.frombuffer(record, "<u2", offset=4).astype(np.int32))
+        reader.close()
+    raw_rate = raw_tokens / (time.perf_counter() - start)
+
+    cfg = Config(run_dir="unused")
+    cfg.data.path, cfg.data.seq_len, cfg.train.global_batch = out, 256, 16
+    wanted = batches * cfg.train.global_batch
+    baselines = {"numpy_packed": _timed_rows(numpy_first_fit_rows(paths, cfg), wanted),
+                 "same_packer": _timed_rows(same_packer_rows(paths, cfg), wanted)}
+    result = {"raw_arrayrecord_tokens_per_s": round(raw_rate),
+              **{f"{name}_tokens_per_s": round(rate) for name, rate in baselines.items()}}
+    for count in workers:
+        cfg.data.num_workers = count
+        iterator = data.train_iterator(cfg, manifest)
+        next(iterator)  # worker start-up is not throughput
+        rate = _timed_rows((next(iterator)["tokens_segment_ids"] for _ in range(batches)), wanted)
+        result[f"grain_packed_tokens_per_s_workers_{count}"] = round(rate)
+        for name, baseline in baselines.items():
+            result[f"ratio_vs_{name}_workers_{count}"] = round(rate / baseline, 3)
+        result[f"ratio_workers_{count}"] = round(rate / raw_rate, 3)
+    per_process = result[f"grain_packed_tokens_per_s_workers_{min(workers)}"] / max(min(workers), 1)
+    result["seed_host_tokens_per_s"] = SEED_TOKENS_PER_S_PER_CHIP * CHIPS_PER_HOST
+    result["loader_processes_per_8_chip_host"] = int(np.ceil(result["seed_host_tokens_per_s"] / per_process))
     return result
 
 
@@ -221,9 +247,10 @@ def main() -> None:
         "device_peak_flops_per_s": round(device_peak),
         "device_peak_source": source,
         "configs": configs,
-        "loader": loader_rates(200),
         "device_scaling": device_scaling(args.steps, args.dtype),
     }
+    with tempfile.TemporaryDirectory() as tmp:
+        report["loader"] = loader_rates(story_dataset(tmp, 20_000), 200)
     emit(report, args.out)
 
 

@@ -14,14 +14,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. sampling.threshold=0.7")
     args = parser.parse_args(argv)
 
-    from evals import checkpoints, config, run
-    from trainer.config import ConfigError
-    from trainer.data import DataError
-    from trainer.hf import WeightsError
+    from evals import config, run
+    from trainer.errors import UserError
 
     try:
         evaluator = run.Evaluator(args.run_dir, config.load(args.config, args.overrides))
-    except (ConfigError, DataError, checkpoints.RunError, WeightsError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

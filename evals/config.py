@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from trainer.config import ConfigError, load_into
+from trainer.config import check, load_into
 
 
 @dataclasses.dataclass
@@ -48,7 +48,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         s, p = self.sampling, self.perplexity
-        rules = [
+        check([
             (p.time_samples >= 1, "perplexity.time_samples", "must be at least 1"),
             (p.batch_size >= 1, "perplexity.batch_size", "must be at least 1"),
             (p.max_tokens >= 0, "perplexity.max_tokens", "must be >= 0"),
@@ -64,10 +64,7 @@ class EvalConfig:
             (self.poll_seconds > 0, "poll_seconds", "must be positive"),
             (self.wandb_mode in ("offline", "online", "disabled"), "wandb_mode",
              "must be offline, online or disabled"),
-        ]
-        for ok, key, message in rules:
-            if not ok:
-                raise ConfigError(f"{key} {message}")
+        ])
 
 
 def load(path: str | None, overrides: list[str]) -> EvalConfig:

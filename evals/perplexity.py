@@ -7,13 +7,13 @@ import itertools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from evals import compiled
 from evals.config import PerplexityConfig
-from trainer import block_diffusion, data, loss
-from trainer.config import BLOCK_DIFFUSION, Config, ObjectiveConfig
+from trainer import data, objectives
+from trainer.config import Config
 
 
 def time_grid(samples: int, eps: float) -> np.ndarray:
@@ -21,23 +21,13 @@ def time_grid(samples: int, eps: float) -> np.ndarray:
     return eps + (1 - eps) * (np.arange(samples) + 0.5) / samples
 
 
-_COMPILED: dict[tuple, Any] = {}
-
-
-def _compiled_loss(graphdef, mask_id: int, objective: ObjectiveConfig):
-    """The jitted scoring function of one model structure and objective."""
+def _compiled_loss(graphdef, mask_id: int, settings: objectives.Settings):
+    """The jitted scoring function of one model structure and objective: its eval loss at time t."""
+    objective = objectives.get(settings.name)
 
     @jax.jit
-    def batch_loss(params, tokens, segments, positions, t, key):
-        model = nnx.merge(graphdef, params)
-        logits_fn = lambda toks, causal: model(toks, segments, positions, causal)  # noqa: E731
-        if objective.name == "ar":
-            return loss.ar_loss(logits_fn, tokens, segments)
-        if objective.name in BLOCK_DIFFUSION:  # each block conditioned on the clean earlier blocks
-            return block_diffusion.bd3lm_loss(model, tokens, segments, positions, key, mask_id, objective,
-                                              t_BL=jnp.full(tokens.shape, t))
-        t_B = jnp.full((tokens.shape[0],), t)
-        return loss.mdlm_loss(logits_fn, tokens, segments, key, mask_id, objective, t_B=t_B)
+    def batch_loss(params, batch, t, key):
+        return objective.eval_loss(nnx.merge(graphdef, params), batch, key, mask_id, settings, t)
 
     return batch_loss
 
@@ -46,15 +36,14 @@ def evaluate(graphdef, params, run_cfg: Config, manifest: dict[str, Any], cfg: P
     """Sums NLL over validation rows until `max_tokens` real tokens (0 = all), every row (every
     block, for block diffusion) at every grid time with masks from a fixed seed; returns
     nats/token and its exponent."""
-    objective = run_cfg.objective
+    objective = objectives.get(run_cfg.objective.name)
     mask_id = data.special_ids(manifest)["mask"]
-    key = (dataclasses.astuple(run_cfg.model), mask_id, dataclasses.astuple(objective))
-    if key not in _COMPILED:  # the model config fixes the graphdef: one compilation per run, not per step
-        _COMPILED[key] = _compiled_loss(graphdef, mask_id, objective)
-    batch_loss = _COMPILED[key]
+    batch_loss = compiled.once(  # one compilation per run, not per step
+        ("perplexity", dataclasses.astuple(run_cfg.model), mask_id, dataclasses.astuple(run_cfg.objective)),
+        lambda: _compiled_loss(graphdef, mask_id, run_cfg.objective))
 
     rows = data.packed_dataset(run_cfg, manifest, "validation", cfg.batch_size, shuffle=False, repeat=False)
-    grid = [None] if objective.name == "ar" else time_grid(cfg.time_samples, objective.eps)
+    grid = [None] if objective.exact else time_grid(cfg.time_samples, run_cfg.objective.eps)
     key = jax.random.key(cfg.seed)
     total_nll, total_count, tokens_seen = 0.0, 0, 0
     for index, batch in enumerate(rows):
@@ -62,15 +51,14 @@ def evaluate(graphdef, params, run_cfg: Config, manifest: dict[str, Any], cfg: P
             break
         tokens_seen += int(np.count_nonzero(batch["tokens_segment_ids"]))
         for k, t in enumerate(grid):
-            nll, count = batch_loss(params, batch["tokens"], batch["tokens_segment_ids"],
-                                    batch["tokens_positions"], 0.0 if t is None else float(t),
+            nll, count = batch_loss(params, batch, 0.0 if t is None else float(t),
                                     jax.random.fold_in(key, index * len(grid) + k))
             total_nll += float(nll)
             total_count += int(count)
     nats = total_nll / max(total_count, 1)
-    name = "ar_ppl" if objective.name == "ar" else "ppl_bound"
+    name = "ar_ppl" if objective.exact else "ppl_bound"
     return {"nats_per_token": nats, name: float(np.exp(nats)), "ppl_tokens": tokens_seen,
-            "ppl_time_samples": len(grid) if objective.name != "ar" else 0}
+            "ppl_time_samples": 0 if objective.exact else len(grid)}
 
 
 def prompts(run_cfg: Config, manifest: dict[str, Any], count: int, length: int) -> np.ndarray:

@@ -3,12 +3,12 @@ sampler's speed and quality figures."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from evals.decoding import Samples, generated_lengths
+from evals.decoders.common import Samples, generated_lengths
+from trainer.objectives.masking import token_nll
 
 
 def distinct_n(sequences: list[np.ndarray], n: int) -> float:
@@ -25,8 +25,7 @@ def generative_perplexity(graphdef, params, tokens_BT: np.ndarray, prompt_len: i
     tokens = jnp.asarray(tokens_BT)
     segments = jnp.ones_like(tokens)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    logits = model(tokens, segments, positions, causal=True)[:, :-1]
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1)[..., 0]
+    nll = token_nll(model(tokens, segments, positions, causal=True)[:, :-1], tokens[:, 1:])
     index = np.arange(1, tokens.shape[1])
     scored = (index >= prompt_len)[None, :] & (index < prompt_len + lengths_B[:, None])
     return float(np.exp(np.asarray(nll)[scored].mean()))

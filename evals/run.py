@@ -11,9 +11,10 @@ import jax
 from etils import epath
 from tokenizers import Tokenizer
 
-from evals import checkpoints, ledger, perplexity, quality, report, sampling
+from evals import decoders, ledger, perplexity, quality, report, runs
 from evals.config import EvalConfig
-from trainer import checkpoint, data, observe
+from trainer import checkpointing, data, objectives, observe, state
+from trainer.errors import RunError
 
 
 class UnreadableStep(Exception):
@@ -27,17 +28,17 @@ def _now() -> str:
 class Evaluator:
     def __init__(self, run_dir: str, cfg: EvalConfig):
         self.run_dir, self.cfg = run_dir, cfg
-        self.run_cfg = checkpoints.load_config(run_dir)
-        self.samplers, cfg.sampling = sampling.plan(cfg.samplers, cfg.sampling, self.run_cfg)
-        self.manifest = checkpoints.eval_data(self.run_cfg, cfg.data_path)
+        self.run_cfg = runs.load_config(run_dir)
+        self.samplers, cfg.sampling = decoders.plan(cfg.samplers, cfg.sampling, self.run_cfg)
+        self.manifest = runs.eval_data(self.run_cfg, cfg.data_path)
         tokenizer_path = epath.Path(self.run_cfg.data.path) / self.manifest["tokenizer"]["file"]
         self.tokenizer = Tokenizer.from_str(tokenizer_path.read_text())
         self.ids = data.special_ids(self.manifest)
         s = cfg.sampling
         self.prompt = (perplexity.prompts(self.run_cfg, self.manifest, s.num_samples, s.prompt_tokens)
                        if self.samplers else None)
-        self.exported = checkpoints.exported_step(run_dir)  # a trainer.export directory, not a run
-        self.mngr = None if self.exported is not None else checkpoint.reader(run_dir)
+        self.exported = runs.exported_step(run_dir)  # a trainer.export directory, not a run
+        self.mngr = None if self.exported is not None else checkpointing.reader(run_dir)
         self.ledger = ledger.Ledger(run_dir)
         self.judge = self._judge()
         self.wandb = observe.Wandb(run_dir, self.run_cfg.wandb.project, cfg.wandb_mode,
@@ -47,29 +48,27 @@ class Evaluator:
         """(graphdef, params) of the AR run whose latest checkpoint scores samples (gen-ppl), or None."""
         if not self.cfg.gen_ppl_run_dir:
             return None
-        ref_cfg = checkpoints.load_config(self.cfg.gen_ppl_run_dir)
-        if ref_cfg.objective.name != "ar":
-            raise checkpoints.RunError(f"gen_ppl_run_dir {self.cfg.gen_ppl_run_dir} is not an AR run")
-        mngr = checkpoint.reader(self.cfg.gen_ppl_run_dir)
-        steps = checkpoints.committed_steps(mngr)
-        if not steps:
-            raise checkpoints.RunError(f"gen_ppl_run_dir {self.cfg.gen_ppl_run_dir} has no committed checkpoint")
-        return checkpoints.restore_params(mngr, steps[-1], ref_cfg)
+        ref_cfg = runs.load_config(self.cfg.gen_ppl_run_dir)
+        if objectives.get(ref_cfg.objective.name).attention != objectives.registry.CAUSAL:
+            raise RunError(f"gen_ppl_run_dir {self.cfg.gen_ppl_run_dir} is not an AR run")
+        graphdef, params, _ = state.load_params(self.cfg.gen_ppl_run_dir, cfg=ref_cfg)
+        return graphdef, params
 
     def pending(self) -> list[int]:
         done = self.ledger.steps()
-        steps = [self.exported] if self.exported is not None else checkpoints.committed_steps(self.mngr)
+        steps = [self.exported] if self.exported is not None else checkpointing.committed_steps(self.mngr)
         return [s for s in steps if s not in done]
 
     def _model(self, step: int):
         """(graphdef, params) of `step`, or None when keep-last cleanup deleted it meanwhile."""
         if self.exported is not None:
-            return checkpoints.load_exported(self.run_dir, self.run_cfg)
+            return runs.load_exported(self.run_dir, self.run_cfg)
         try:
-            return checkpoints.restore_params(self.mngr, step, self.run_cfg)
+            params = checkpointing.restore_params(self.mngr, step, state.abstract_state(self.run_cfg))
+            return state.model_graphdef(self.run_cfg), params
         except Exception as e:
-            if step in checkpoints.committed_steps(self.mngr):
-                raise UnreadableStep(checkpoint.first_line(e)) from None
+            if step in checkpointing.committed_steps(self.mngr):
+                raise UnreadableStep(checkpointing.first_line(e)) from None
             print(f"warning: step {step} was deleted (keep-last cleanup) before it was evaluated; skipped")
             return None
 
@@ -106,24 +105,25 @@ class Evaluator:
         eos, mask = self.ids["eos"], self.ids["mask"]
         samplers, outputs = {}, {}
         for name in self.samplers:
-            out = sampling.generate(name, graphdef, params, prompt, s, mask, eos, jax.random.key(s.seed))
-            metrics = {"matched": sampling.is_matched(name, self.run_cfg.objective.name),
-                       "attention": sampling.sampler_of(name).attention,
+            out = decoders.generate(name, graphdef, params, prompt, s, mask, eos, jax.random.key(s.seed))
+            metrics = {"matched": decoders.is_matched(name, self.run_cfg.objective.name),
+                       "attention": decoders.get(name).attention,
                        **quality.sampler_metrics(out, s.prompt_tokens, eos, self.judge)}
             samplers[name], outputs[name] = metrics, out
             seconds[name] = out.seconds
         for name in outputs:
-            twin = name.replace("spd", "spd_cached", 1)
-            if sampling.parse(name)[0] == "spd" and twin in outputs:
+            twin = decoders.get(name).cached_twin
+            twin = twin and name.replace(decoders.parse(name)[0], twin, 1)  # at the same threshold
+            if twin in outputs:
                 # Equal by construction, but the two programs multiply matrices of different shapes, so
                 # a near-tie in a trained model can round differently: measured, not assumed.
                 same = outputs[name].tokens[:, s.prompt_tokens:] == outputs[twin].tokens[:, s.prompt_tokens:]
-                samplers[name]["agreement_with_spd_cached"] = float(same.mean())
-        reference = next((n for n in outputs if sampling.is_one_token(n, s)), None)
+                samplers[name][f"agreement_with_{decoders.parse(twin)[0]}"] = float(same.mean())
+        reference = next((n for n in outputs if decoders.is_one_token(n, s)), None)
         if reference is not None and self.judge is not None:
             for metrics in samplers.values():
                 metrics["gen_ppl_vs_reference"] = metrics["gen_ppl"] / samplers[reference]["gen_ppl"]
-        traced = next((n for n in outputs if sampling.parse(n)[0] in ("spd_cached", "spd")), next(iter(outputs)))
+        traced = list(outputs)[-1]  # the last one asked for (auto: the most parallel decoder)
         shown = outputs[traced]
         return {
             "samplers": samplers,

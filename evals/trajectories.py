@@ -30,10 +30,11 @@ from etils import epath
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from evals import checkpoints, ledger, sampling
+from evals import decoders, ledger, runs
 from evals.config import SamplingConfig
-from trainer import checkpoint, data
-from trainer.config import ConfigError, load_into
+from trainer import checkpointing, data, state
+from trainer.config import check, load_into
+from trainer.errors import ConfigError, RunError, UserError
 
 SIDECAR = "trajectories.json"
 
@@ -45,7 +46,7 @@ class TrajectoriesConfig:
     split: str = "train"  # train | validation
     num_prompts: int = 2000  # prompts taken in manifest order (0 = every usable document)
     prompt_tokens: int = 16  # text datasets: leading tokens of a document (BOS included) used as the prompt
-    sampler: str = "threshold"  # any sampler name (evals.sampling); the run's matched ones fit best
+    sampler: str = "threshold"  # any decoder name (evals/decoders); those that fit the run's objective fit best
     batch_size: int = 64  # prompts per decoding call (one compiled program per prompt length)
     rows_per_part: int = 512  # prompts per output part: the unit that is written whole and resumed
     format: str = "jsonl"  # jsonl | parquet
@@ -53,7 +54,7 @@ class TrajectoriesConfig:
     sampling: SamplingConfig = dataclasses.field(default_factory=lambda: SamplingConfig(gen_length=0))
 
     def validate(self) -> None:
-        rules = [
+        check([
             (self.split in ("train", "validation"), "split", "must be train or validation"),
             (self.num_prompts >= 0, "num_prompts", "must be >= 0"),
             (self.prompt_tokens >= 2, "prompt_tokens", "must be at least 2"),
@@ -61,10 +62,7 @@ class TrajectoriesConfig:
             (self.rows_per_part >= 1, "rows_per_part", "must be at least 1"),
             (self.format in ("jsonl", "parquet"), "format", "must be jsonl or parquet"),
             (self.sampling.gen_length >= 0, "sampling.gen_length", "must be >= 0 (0 = fill the trained length)"),
-        ]
-        for ok, key, message in rules:
-            if not ok:
-                raise ConfigError(f"{key} {message}")
+        ])
 
 
 class Prompt(NamedTuple):
@@ -151,20 +149,18 @@ def decode_part(part: list[Prompt], generate, batch_size: int, eos_id: int, gen_
 
 def generate_trajectories(run_dir: str, output: str, cfg: TrajectoriesConfig) -> dict:
     """Writes (or completes) the trajectories of `run_dir` into `output`; returns the sidecar."""
-    run_cfg = checkpoints.load_config(run_dir)
+    run_cfg = runs.load_config(run_dir)
     path = cfg.data_path or run_cfg.data.path
     manifest = data.load_manifest(path)
-    run_manifest = data.load_manifest(run_cfg.data.path)
-    if manifest["tokenizer"]["sha256"] != run_manifest["tokenizer"]["sha256"]:
+    if data.tokenizer_sha(run_cfg.data.path) != manifest["tokenizer"]["sha256"]:
         raise ConfigError(f"data_path {path} was tokenized with another tokenizer than the run's data "
                           f"({run_cfg.data.path}): use a dataset preprocessed with its tokenizer.json")
     tokenizer = Tokenizer.from_str((epath.Path(path) / manifest["tokenizer"]["file"]).read_text())
     ids = data.special_ids(manifest)
-    mngr = checkpoint.reader(run_dir)
-    steps = checkpoints.committed_steps(mngr)
+    steps = checkpointing.committed_steps(checkpointing.reader(run_dir))
     step = cfg.step or (steps[-1] if steps else None)
     if step not in steps:
-        raise checkpoints.RunError(f"{run_dir} has no committed checkpoint {cfg.step or ''}".rstrip())
+        raise RunError(f"{run_dir} has no committed checkpoint {cfg.step or ''}".rstrip())
     found = prompts(path, cfg.split, cfg, tokenizer)
     if not found:
         raise ConfigError(f"no usable prompts in the {cfg.split} split of {path} (prompt_tokens={cfg.prompt_tokens})")
@@ -172,7 +168,7 @@ def generate_trajectories(run_dir: str, output: str, cfg: TrajectoriesConfig) ->
     sampling_cfg = cfg.sampling
     if not sampling_cfg.gen_length:  # fill the length the model was trained on
         sampling_cfg = dataclasses.replace(sampling_cfg, gen_length=run_cfg.data.seq_len - longest)
-    names, sampling_cfg = sampling.plan(cfg.sampler, dataclasses.replace(sampling_cfg, prompt_tokens=longest), run_cfg)
+    names, sampling_cfg = decoders.plan(cfg.sampler, dataclasses.replace(sampling_cfg, prompt_tokens=longest), run_cfg)
     if len(names) != 1:
         raise ConfigError(f"sampler must name one sampler, got {cfg.sampler!r}")
     settings = {"run_dir": str(run_dir), "step": step, "data_path": str(path), "split": cfg.split,
@@ -193,10 +189,10 @@ def generate_trajectories(run_dir: str, output: str, cfg: TrajectoriesConfig) ->
         raise ConfigError(f"{output} holds parts of an unfinished job with other settings ({stale[0]}): "
                           f"remove them or choose another --output")
 
-    _, params = model = checkpoints.restore_params(mngr, step, run_cfg)
+    graphdef, params, _ = state.load_params(run_dir, step, run_cfg)
     key = jax.random.key(sampling_cfg.seed)
-    generate = lambda batch: sampling.generate(names[0], *model, batch, sampling_cfg, ids["mask"],  # noqa: E731
-                                               ids["eos"], key)
+    generate = lambda batch: decoders.generate(names[0], graphdef, params, batch, sampling_cfg,  # noqa: E731
+                                               ids["mask"], ids["eos"], key)
     parts = [found[i:i + cfg.rows_per_part] for i in range(0, len(found), cfg.rows_per_part)]
     files, rows_total, dropped_total = [], 0, {"unfinished": 0, "empty": 0}
     for index, part in enumerate(tqdm(parts, desc="trajectories", unit="part", dynamic_ncols=True)):
@@ -232,13 +228,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", help="Optional YAML of these settings")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. num_prompts=500 sampling.threshold=0.9")
     args = parser.parse_args(argv)
-    from trainer.data import DataError
-
     try:
         cfg = load_into(TrajectoriesConfig(), args.config, args.overrides)
         cfg.validate()
         result = generate_trajectories(args.run_dir, args.output, cfg)
-    except (ConfigError, DataError, checkpoints.RunError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{result['rows']} trajectories from step {result['model']['step']} ({result['sampler']}) in {args.output}; "

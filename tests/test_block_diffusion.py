@@ -1,5 +1,7 @@
-"""BD3LM block diffusion: the packed two-stream mask, per-block times, MDLM as the one-block
-case, no attention across packed documents or into later blocks, and a tiny run that learns."""
+"""BD3LM block diffusion: the packed two-stream attention (its structure equals the dense
+[2L, 2L] mask, in logits, losses and gradients, at a fraction of the FLOPs), per-block times, MDLM
+as the one-block case, no attention across packed documents or into later blocks, and a tiny run
+that learns."""
 
 from __future__ import annotations
 
@@ -11,9 +13,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from trainer import block_diffusion, loss
-from trainer.config import ModelConfig, ObjectiveConfig
+from trainer import attention, objectives, state, train
+from trainer import config as config_lib
+from trainer.config import ModelConfig
 from trainer.model import Transformer
+from trainer.objectives import bd3lm, mdlm, oput, two_stream
+from trainer.objectives.bd3lm import BD3LMSettings
+from trainer.objectives.oput import OPUTSettings
 
 VOCAB, MASK = 40, 39
 # Two packed rows of 12: row 0 holds documents of 5, 4 and 3 tokens, row 1 one of 9 and padding.
@@ -23,9 +29,14 @@ TOKENS = np.random.default_rng(0).integers(3, MASK, SEGMENTS.shape).astype(np.in
 
 
 @pytest.fixture(scope="module")
-def model():
-    return Transformer(ModelConfig(vocab_size=VOCAB, hidden=32, layers=2, heads=2, mlp_hidden=64, max_seq_len=64),
-                       nnx.Rngs(0))
+def model():  # grouped-query attention: 4 query heads share 2 key/value heads
+    return Transformer(ModelConfig(vocab_size=VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, mlp_hidden=64,
+                                   max_seq_len=64), nnx.Rngs(0))
+
+
+def dense_two_stream(q, k, v, spec):
+    """The reference: one attention over [noisy | clean] under the dense [2L, 2L] mask."""
+    return jax.nn.dot_product_attention(q, k, v, mask=attention.two_stream_reference_mask(spec))
 
 
 def slow_mask(segments, positions, block):
@@ -43,23 +54,95 @@ def slow_mask(segments, positions, block):
 
 
 @pytest.mark.parametrize("block", [1, 2, 3, 16])
-def test_packed_two_stream_mask_is_exact(block):
-    mask = np.asarray(block_diffusion.two_stream_mask(jnp.asarray(POSITIONS), jnp.asarray(SEGMENTS), block))
+def test_packed_two_stream_reference_mask_is_exact(block):
+    spec = attention.TwoStream(jnp.asarray(SEGMENTS), jnp.asarray(POSITIONS), block)
+    mask = np.asarray(attention.two_stream_reference_mask(spec))
     for row in range(2):
         assert np.array_equal(mask[row, 0], slow_mask(SEGMENTS[row], POSITIONS[row], block))
     assert mask.any(-1).all()  # every query (padding included) sees at least one key
 
 
+@pytest.mark.parametrize("block", [1, 3, 16])
+def test_structured_two_stream_attention_equals_the_dense_mask(model, block, monkeypatch):
+    """Logits at every real position, the BD3LM NELBO and its gradients: the structured attention
+    (no [2L, 2L] matrix) against one attention under the dense reference mask."""
+    noisy = np.where(np.arange(12) % 3 == 0, MASK, TOKENS)
+    real = SEGMENTS != 0
+    batch = {"tokens": jnp.asarray(TOKENS), "tokens_segment_ids": jnp.asarray(SEGMENTS),
+             "tokens_positions": jnp.asarray(POSITIONS)}
+    graphdef, params = nnx.split(model)
+    settings = BD3LMSettings(block_size=block)
+
+    def both():
+        logits = _noisy_logits(model, TOKENS, block, noisy)
+        loss_and_grads = jax.value_and_grad(lambda p: bd3lm.nelbo(nnx.merge(graphdef, p), batch, jax.random.key(1),
+                                                                  MASK, settings)[0])(params)
+        return logits, loss_and_grads
+
+    structured, (loss, grads) = both()
+    monkeypatch.setattr(attention, "two_stream", dense_two_stream)
+    dense, (dense_loss, dense_grads) = both()
+    np.testing.assert_allclose(structured[real], dense[real], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(loss), float(dense_loss), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(dense_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_oput_loss_and_gradients_equal_the_dense_mask(model, monkeypatch):
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(3, MASK, (3, 16)).astype(np.int32)
+    prompt_len = np.array([3, 5, 8], np.int32)
+    batch = {"tokens": jnp.asarray(tokens), "prompt_len": jnp.asarray(prompt_len),
+             "loss_mask": jnp.asarray(np.arange(16)[None] >= prompt_len[:, None]),
+             "truncated": jnp.zeros(3, jnp.int32)}
+    settings = OPUTSettings(block_size=4, on_policy_ratio=0.5, noise_range_low=0.5, noise_range_high=0.9)
+    graphdef, params = nnx.split(model)
+    run = jax.value_and_grad(lambda p: oput.train_loss(nnx.merge(graphdef, p), batch, jax.random.key(3), MASK,
+                                                       settings)[0])
+    loss, grads = run(params)
+    monkeypatch.setattr(attention, "two_stream", dense_two_stream)
+    dense_loss, dense_grads = run(params)
+    np.testing.assert_allclose(float(loss), float(dense_loss), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(dense_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def _step_flops(objective: list[str]) -> float:
+    """XLA's FLOP count of one compiled train step at a shape where attention matters (rows of 1,024
+    tokens, hidden 128 x 2 layers, blocks of 16)."""
+    cfg = config_lib.load(None, ["run_dir=unused", "data.path=unused", "model.vocab_size=512", "model.hidden=128",
+                                 "model.layers=2", "model.heads=2", "model.mlp_hidden=352", "model.max_seq_len=1024",
+                                 "data.seq_len=1024", "train.global_batch=2", *objective])
+    tx, schedule = state.make_optimizer(cfg.optim, 10)
+    abstract = jax.eval_shape(lambda: state.init_state(cfg, tx))
+    step = train.make_train_step(state.model_graphdef(cfg), cfg, 511, tx, schedule)
+    rows = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+    batch = {"tokens": rows, "tokens_segment_ids": rows, "tokens_positions": rows}
+    return step.lower(abstract, batch).compile().cost_analysis()["flops"]
+
+
+def test_a_bd3lm_step_costs_at_most_2_2_mdlm_steps_in_xla_flops(monkeypatch, capsys):
+    """Both streams run every weight (2x an MDLM step), the LM head only the noisy one; attention
+    scores cost 2 L^2 + 3 L x block, not the (2L)^2 of a dense mask (which is over 2.2x here)."""
+    mdlm_flops = _step_flops(["objective.name=mdlm"])
+    bd3lm_flops = _step_flops(["objective.name=bd3lm", "objective.block_size=16"])
+    monkeypatch.setattr(attention, "two_stream", dense_two_stream)
+    dense_flops = _step_flops(["objective.name=bd3lm", "objective.block_size=16"])
+    with capsys.disabled():
+        print(f"\nXLA FLOPs per train step: mdlm {mdlm_flops:.4g}, bd3lm {bd3lm_flops:.4g} "
+              f"({bd3lm_flops / mdlm_flops:.3f}x), bd3lm under a dense [2L, 2L] mask {dense_flops:.4g} "
+              f"({dense_flops / mdlm_flops:.3f}x)")
+    assert bd3lm_flops <= 2.2 * mdlm_flops < dense_flops
+
+
 def test_one_block_per_document_is_mdlm_at_the_same_noise(model):
-    cfg = ObjectiveConfig(name="bd3lm", block_size=64)  # longer than any document
+    cfg = BD3LMSettings(block_size=64)  # longer than any document
     key = jax.random.key(3)
     t_B = jnp.array([0.3, 0.8])
-    mdlm_total, mdlm_count = loss.mdlm_loss(
-        lambda toks, causal: model(toks, jnp.asarray(SEGMENTS), jnp.asarray(POSITIONS), causal),
-        jnp.asarray(TOKENS), jnp.asarray(SEGMENTS), key, MASK, cfg, t_B=t_B)
-    bd_total, bd_count = block_diffusion.bd3lm_loss(
-        model, jnp.asarray(TOKENS), jnp.asarray(SEGMENTS), jnp.asarray(POSITIONS), key, MASK, cfg,
-        t_BL=jnp.broadcast_to(t_B[:, None], SEGMENTS.shape))
+    batch = {"tokens": jnp.asarray(TOKENS), "tokens_segment_ids": jnp.asarray(SEGMENTS),
+             "tokens_positions": jnp.asarray(POSITIONS)}
+    mdlm_total, mdlm_count = mdlm.nelbo(model, batch, key, MASK, cfg, t_B=t_B)
+    bd_total, bd_count = bd3lm.nelbo(model, batch, key, MASK, cfg, t_BL=jnp.broadcast_to(t_B[:, None], SEGMENTS.shape))
     assert int(bd_count) == int(mdlm_count) == int((SEGMENTS != 0).sum())
     assert float(mdlm_total) > 0
     np.testing.assert_allclose(float(bd_total), float(mdlm_total), rtol=1e-5)
@@ -67,9 +150,8 @@ def test_one_block_per_document_is_mdlm_at_the_same_noise(model):
 
 def _noisy_logits(model, tokens, block, noisy=None):
     positions, segments = jnp.asarray(POSITIONS), jnp.asarray(SEGMENTS)
-    mask = block_diffusion.two_stream_mask(positions, segments, block)
     noisy = jnp.asarray(tokens if noisy is None else noisy)
-    return np.asarray(block_diffusion.noisy_stream_logits(model, noisy, jnp.asarray(tokens), positions, mask))
+    return np.asarray(two_stream.noisy_stream_logits(model, noisy, jnp.asarray(tokens), positions, segments, block))
 
 
 def test_no_attention_across_packed_documents(model):
@@ -101,9 +183,8 @@ def test_a_block_sees_only_itself_and_clean_earlier_blocks(model):
 
 
 def test_block_times_one_per_document_block_spread_over_the_batch():
-    cfg = ObjectiveConfig(name="bd3lm", block_size=2)
-    t = np.asarray(block_diffusion.block_times(jax.random.key(0), jnp.asarray(POSITIONS), jnp.asarray(SEGMENTS),
-                                               2, cfg))
+    cfg = BD3LMSettings(block_size=2)
+    t = np.asarray(bd3lm.block_times(jax.random.key(0), jnp.asarray(POSITIONS), jnp.asarray(SEGMENTS), cfg))
     blocks = [(r, SEGMENTS[r, i], POSITIONS[r, i] // 2) for r in range(2) for i in range(12)]
     by_block = {}
     for (r, i), b in zip(np.ndindex(2, 12), blocks):
@@ -114,9 +195,8 @@ def test_block_times_one_per_document_block_spread_over_the_batch():
     # Antithetic: one per stratum [i/n, (i+1)/n) of the unit interval (before the eps map).
     strata = np.floor((np.array(values) - cfg.eps) / (1 - cfg.eps) * n)
     assert sorted(strata.tolist()) == list(range(n))
-    clipped = ObjectiveConfig(name="bd3lm", block_size=2, noise_range_low=0.45, noise_range_high=0.55)
-    t = np.asarray(block_diffusion.block_times(jax.random.key(0), jnp.asarray(POSITIONS), jnp.asarray(SEGMENTS),
-                                               2, clipped))
+    clipped = BD3LMSettings(block_size=2, noise_range_low=0.45, noise_range_high=0.55)
+    t = np.asarray(bd3lm.block_times(jax.random.key(0), jnp.asarray(POSITIONS), jnp.asarray(SEGMENTS), clipped))
     assert (t >= 0.45).all() and (t <= 0.55).all()
 
 

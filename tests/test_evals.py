@@ -15,11 +15,12 @@ import pytest
 from flax import nnx
 
 from evals import __main__ as cli
-from evals import block_causal, checkpoints, decoding, perplexity, sampling
+from evals import compiled, decoders, perplexity, runs
 from evals import config as eval_config
 from evals.config import PerplexityConfig, SamplingConfig
+from evals.decoders import block_causal, common
 from tests.conftest import TINY_MODEL
-from trainer import checkpoint, data, train
+from trainer import data, state, train
 from trainer import config as config_lib
 from trainer.config import ModelConfig
 from trainer.model import Transformer
@@ -48,8 +49,7 @@ SETTINGS = [
 
 
 def run_program(build, model, cfg, eos=EOS, prompt=PROMPT, key=1):
-    return decoding.timed(decoding.program(build, *model, prompt.shape, cfg, MASK, eos), model[1], prompt,
-                          jax.random.key(key), cfg)
+    return common.timed(build(model[0], prompt.shape, cfg, MASK, eos), model[1], prompt, jax.random.key(key), cfg)
 
 
 @pytest.mark.parametrize("rule,settings,eos", [(block_causal.SPD, s, (EOS, -1)[i % 2]) for i, s in enumerate(SETTINGS)]
@@ -70,7 +70,7 @@ def test_cached_and_uncached_programs_give_identical_tokens(random_model, settin
 
 def test_spd_with_threshold_above_one_decodes_one_position_per_pass_leftmost_first(random_model):
     cfg = SamplingConfig(gen_length=24, block_length=8, steps=8, threshold=1.5)
-    out = sampling.generate("spd", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    out = decoders.generate("spd", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
     for row in out.decoded_at:
         generated = row[5:]
         assert len(set(generated.tolist())) == len(generated)  # one position per pass
@@ -82,18 +82,18 @@ def test_spd_with_threshold_above_one_decodes_one_position_per_pass_leftmost_fir
 
 def test_one_token_commits_exactly_one_token_per_decoding_forward(random_model):
     cfg = SamplingConfig(gen_length=24, block_length=8, threshold=0.01)  # one_token ignores the threshold
-    out = sampling.generate("one_token", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    out = decoders.generate("one_token", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
     for row in out.decoded_at:
         assert sorted(row[5:].tolist()) == list(range(1, 25))  # one position per pass, none revised
     assert (out.forwards == 24).all() and out.batch_forwards == 24  # cache writes ride along with passes
-    fast = sampling.generate("threshold", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    fast = decoders.generate("threshold", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
     assert (fast.forwards < out.forwards).all()  # a low threshold commits several tokens per pass
 
 
 def test_a_sequence_is_charged_only_the_passes_it_needed(random_model):
     cfg = SamplingConfig(gen_length=32, block_length=8, threshold=0.05)
-    together = sampling.generate("spd_cached", *random_model, PROMPT, cfg, MASK, EOS, jax.random.key(0))
-    alone = [sampling.generate("spd_cached", *random_model, PROMPT[i:i + 1], cfg, MASK, EOS, jax.random.key(0))
+    together = decoders.generate("spd_cached", *random_model, PROMPT, cfg, MASK, EOS, jax.random.key(0))
+    alone = [decoders.generate("spd_cached", *random_model, PROMPT[i:i + 1], cfg, MASK, EOS, jax.random.key(0))
              for i in range(len(PROMPT))]
     assert together.forwards.tolist() == [a.batch_forwards for a in alone]
     assert len(set(together.forwards.tolist())) > 1  # they differ: the batch ran as many as the slowest
@@ -102,18 +102,18 @@ def test_a_sequence_is_charged_only_the_passes_it_needed(random_model):
 
 def test_generation_stops_after_eos_and_fills_it(random_model):
     cfg = SamplingConfig(gen_length=32, block_length=8)
-    out = sampling.generate("spd", *random_model, PROMPT, cfg, MASK, EOS, jax.random.key(0))
+    out = decoders.generate("spd", *random_model, PROMPT, cfg, MASK, EOS, jax.random.key(0))
     for row in out.tokens[:, 5:]:
         hits = np.flatnonzero(row == EOS)
         if len(hits):
             assert (row[hits[0]:] == EOS).all()
-    lengths = decoding.generated_lengths(out, 5, EOS)
+    lengths = common.generated_lengths(out, 5, EOS)
     assert ((lengths >= 1) & (lengths <= 32)).all()
 
 
 def test_remasking_commits_one_token_per_step_within_blocks(random_model):
     cfg = SamplingConfig(gen_length=16, block_length=8)  # remask_steps 0 = one token per step
-    out = sampling.generate("remask", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    out = decoders.generate("remask", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
     assert out.batch_forwards == 16 and (out.forwards == 16).all()
     for row in out.decoded_at:
         assert sorted(row[5:].tolist()) == list(range(1, 17))
@@ -122,13 +122,13 @@ def test_remasking_commits_one_token_per_step_within_blocks(random_model):
 
 def test_full_attention_threshold_commits_confident_tokens_within_blocks(random_model):
     cfg = SamplingConfig(gen_length=16, block_length=8, threshold=0.05)
-    out = sampling.generate("threshold_full", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    out = decoders.generate("threshold_full", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
     assert (out.forwards < 16).all() and out.batch_forwards >= out.forwards.max()
     for row in out.decoded_at:
         assert row[5:13].max() < row[13:].min()
-    strict = sampling.generate("threshold_full", *random_model, PROMPT, dataclasses.replace(cfg, threshold=2.0),
+    strict = decoders.generate("threshold_full", *random_model, PROMPT, dataclasses.replace(cfg, threshold=2.0),
                                MASK, -1, jax.random.key(0))
-    one = sampling.generate("remask", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    one = decoders.generate("remask", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
     assert np.array_equal(strict.tokens, one.tokens)  # above 1: the most confident token only, like remasking
 
 
@@ -137,36 +137,36 @@ def test_samplers_reuse_their_program_across_checkpoints_but_not_the_weights(ran
     cfg = SamplingConfig(gen_length=16, block_length=8, remask_steps=4)
     graphdef, params = random_model
     other = jax.tree.map(lambda x: x[::-1] if x.ndim == 2 else x, params)  # a new "checkpoint"
-    decoding._PROGRAMS.clear()
-    first = sampling.generate(name, graphdef, params, PROMPT, cfg, MASK, EOS, jax.random.key(0))
-    second = sampling.generate(name, graphdef, other, PROMPT, cfg, MASK, EOS, jax.random.key(0))
-    assert len(decoding._PROGRAMS) == 1  # one program, two weight sets
-    decoding._PROGRAMS.clear()
-    fresh = sampling.generate(name, graphdef, other, PROMPT, cfg, MASK, EOS, jax.random.key(0))
+    compiled._FUNCTIONS.clear()
+    first = decoders.generate(name, graphdef, params, PROMPT, cfg, MASK, EOS, jax.random.key(0))
+    second = decoders.generate(name, graphdef, other, PROMPT, cfg, MASK, EOS, jax.random.key(0))
+    assert len(compiled._FUNCTIONS) == 1  # one program, two weight sets
+    compiled._FUNCTIONS.clear()
+    fresh = decoders.generate(name, graphdef, other, PROMPT, cfg, MASK, EOS, jax.random.key(0))
     assert np.array_equal(second.tokens, fresh.tokens) and np.array_equal(second.forwards, fresh.forwards)
     assert not np.array_equal(first.tokens, second.tokens)
 
 
 def test_samplers_follow_the_objective_and_refuse_impossible_settings(tiny_dataset, tmp_path):
-    run = config_lib.load(None, [f"data.path={tiny_dataset}", f"run_dir={tmp_path}", *TINY_MODEL,
-                                 "objective.block_size=16"])
+    overrides = [f"data.path={tiny_dataset}", f"run_dir={tmp_path}", *TINY_MODEL]
+    run = config_lib.load(None, overrides)
     cfg = SamplingConfig(gen_length=32, prompt_tokens=8)
-    names, resolved = sampling.plan("auto", cfg, run)
+    names, resolved = decoders.plan("auto", cfg, run)
     assert names == ["remask", "threshold_full"] and resolved.block_length == 32  # MDLM: full attention
-    run.objective.name = "bd3lm"
-    names, resolved = sampling.plan("auto", cfg, run)
+    run = config_lib.load(None, [*overrides, "objective.name=bd3lm", "objective.block_size=16"])
+    names, resolved = decoders.plan("auto", cfg, run)
     assert names == ["one_token", "threshold", "spd", "spd_cached"] and resolved.block_length == 16
-    assert sampling.plan("remask,spd", cfg, run)[0] == ["remask", "spd"]
-    assert sampling.plan("spd_cached@0.5,one_token", cfg, run)[0] == ["spd_cached@0.5", "one_token"]
+    assert decoders.plan("remask,spd", cfg, run)[0] == ["remask", "spd"]
+    assert decoders.plan("spd_cached@0.5,one_token", cfg, run)[0] == ["spd_cached@0.5", "one_token"]
     with pytest.raises(config_lib.ConfigError, match="unknown"):
-        sampling.plan("spd@fast", cfg, run)
-    assert not sampling.is_matched("remask", "bd3lm") and sampling.is_matched("spd", "oput")
+        decoders.plan("spd@fast", cfg, run)
+    assert not decoders.is_matched("remask", "bd3lm") and decoders.is_matched("spd", "oput")
     with pytest.raises(config_lib.ConfigError, match="unknown"):
-        sampling.plan("spd,nope", cfg, run)
+        decoders.plan("spd,nope", cfg, run)
     with pytest.raises(config_lib.ConfigError, match="trained on"):
-        sampling.plan("auto", dataclasses.replace(cfg, gen_length=60), run)  # 8 + 60 > data.seq_len 64
+        decoders.plan("auto", dataclasses.replace(cfg, gen_length=60), run)  # 8 + 60 > data.seq_len 64
     with pytest.raises(config_lib.ConfigError, match="multiple of sampling.block_length"):
-        sampling.plan("remask", dataclasses.replace(cfg, gen_length=24), run)
+        decoders.plan("remask", dataclasses.replace(cfg, gen_length=24), run)
 
 
 # --------------------------------------------------------------------------- a trained run
@@ -182,9 +182,9 @@ def trained_run(tiny_dataset, tmp_path_factory):
 
 
 def test_perplexity_bound_is_deterministic_and_equals_a_direct_computation(trained_run):
-    run_cfg = checkpoints.load_config(str(trained_run))
+    run_cfg = runs.load_config(str(trained_run))
     manifest = data.load_manifest(run_cfg.data.path)
-    graphdef, params = checkpoints.restore_params(checkpoint.reader(str(trained_run)), 20, run_cfg)
+    graphdef, params, _ = state.load_params(str(trained_run), 20, run_cfg)
     cfg = PerplexityConfig(max_tokens=600, time_samples=3, batch_size=2, seed=5)
     first = perplexity.evaluate(graphdef, params, run_cfg, manifest, cfg)
     assert first == perplexity.evaluate(graphdef, params, run_cfg, manifest, cfg)
@@ -320,16 +320,16 @@ def test_a_step_deleted_before_its_turn_is_skipped_with_a_warning(trained_run, t
 
 
 def test_a_bd3lm_checkpoint_decodes_block_causally_and_is_charged_what_it_ran(bd3lm_run):
-    run_cfg = checkpoints.load_config(str(bd3lm_run))
+    run_cfg = runs.load_config(str(bd3lm_run))
     manifest = data.load_manifest(run_cfg.data.path)
     ids = data.special_ids(manifest)
-    model = checkpoints.restore_params(checkpoint.reader(str(bd3lm_run)), 40, run_cfg)
+    model = state.load_params(str(bd3lm_run), 40, run_cfg)[:2]
     prompt = perplexity.prompts(run_cfg, manifest, 3, 6)
     cfg = SamplingConfig(gen_length=40, block_length=8, threshold=0.1)
     for name in ("spd_cached", "threshold_full"):  # one block-causal, one full-attention program
-        out = sampling.generate(name, *model, prompt, cfg, ids["mask"], ids["eos"], jax.random.key(0))
+        out = decoders.generate(name, *model, prompt, cfg, ids["mask"], ids["eos"], jax.random.key(0))
         assert out.tokens.shape == (3, 46) and not (out.tokens == ids["mask"]).any()  # ran to completion
-        alone = [sampling.generate(name, *model, prompt[i:i + 1], cfg, ids["mask"], ids["eos"], jax.random.key(0))
+        alone = [decoders.generate(name, *model, prompt[i:i + 1], cfg, ids["mask"], ids["eos"], jax.random.key(0))
                  for i in range(3)]
         # Each sequence's reported forwards are the forwards a decode of that sequence alone ran.
         assert out.forwards.tolist() == [a.batch_forwards for a in alone], name

@@ -15,9 +15,12 @@ import pytest
 from flax import nnx
 
 from tests.conftest import TINY_MODEL
-from trainer import block_diffusion, data, oput, train
 from trainer import config as config_lib
-from trainer.config import ModelConfig, ObjectiveConfig
+from trainer import data, train
+from trainer.config import ModelConfig
+from trainer import attention
+from trainer.objectives import oput
+from trainer.objectives.oput import OPUTSettings
 from trainer.model import Transformer
 
 
@@ -39,7 +42,7 @@ def slow_mask(length: int, block: int) -> np.ndarray:
 @pytest.mark.parametrize("length,block", [(8, 2), (12, 4), (16, 16), (6, 1)])
 def test_two_stream_mask_is_exact(length, block):
     positions = jnp.arange(length)[None]
-    mask = block_diffusion.two_stream_mask(positions, jnp.ones_like(positions), block)
+    mask = attention.two_stream_reference_mask(attention.TwoStream(jnp.ones_like(positions), positions, block))
     assert np.array_equal(np.asarray(mask)[0, 0], slow_mask(length, block))
 
 
@@ -71,8 +74,8 @@ def test_loss_covers_only_the_response_and_its_first_eos():
     assert example["loss_mask"].tolist() == [False] * 4 + [True] * 6 + [False] * 6
     batch = _batch(example["tokens"][None].repeat(2, 0), [4, 4], example["loss_mask"][None].repeat(2, 0))
     table = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 12)), jnp.float32)
-    cfg = ObjectiveConfig(name="oput", block_size=4, on_policy_ratio=0.5)
-    grads = jax.grad(lambda t: oput.oput_loss(FixedLogits(t), batch, jax.random.key(0), 11, cfg)[0])(table)
+    cfg = OPUTSettings(block_size=4, on_policy_ratio=0.5)
+    grads = jax.grad(lambda t: oput.train_loss(FixedLogits(t), batch, jax.random.key(0), 11, cfg)[0])(table)
     touched = np.abs(np.asarray(grads)).sum(-1) > 0
     assert np.array_equal(touched, np.asarray(batch["loss_mask"]))  # prompt and padding carry no loss
 
@@ -86,22 +89,21 @@ def test_on_policy_ratio_zero_is_plain_block_diffusion_on_the_same_noise():
     loss_mask = np.arange(16)[None] >= prompt_len[:, None]
     batch = _batch(tokens, prompt_len, loss_mask)
     key = jax.random.key(4)
-    cfg = ObjectiveConfig(name="oput", block_size=4, on_policy_ratio=0.0, noise_range_low=0.3,
-                          noise_range_high=0.9)
-    total, count, sums = oput.oput_loss(model, batch, key, 29, cfg)
+    cfg = OPUTSettings(block_size=4, on_policy_ratio=0.0, noise_range_low=0.3, noise_range_high=0.9)
+    total, count, sums = oput.train_loss(model, batch, key, 29, cfg)
     # Plain block diffusion, written out: the same noise, the slow mask, cross-entropy in numpy.
     noisy, masked = oput.add_noise(jax.random.split(key)[0], batch["tokens"], batch["prompt_len"], cfg, 29)
     inputs = model.embed(jnp.concatenate([noisy, batch["tokens"]], 1))
     positions = jnp.tile(jnp.arange(16), (3, 2))
-    logits = np.asarray(model.forward(inputs, positions, jnp.asarray(slow_mask(16, 4))[None, None])[0])[:, :16]
+    logits = np.asarray(model.forward(inputs, positions, attention.Dense(jnp.asarray(slow_mask(16, 4))[None, None]))[0])[:, :16]
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, tokens[..., None], -1)[..., 0]
     np.testing.assert_allclose(float(total), nll[loss_mask].sum(), rtol=1e-5)
     assert int(count) == loss_mask.sum() and int(sums["replaced"]) == 0
     assert (np.asarray(masked)[~loss_mask] == False).all()  # noqa: E712  the prompt is never masked
-    all_on = oput.oput_loss(model, batch, key, 29, ObjectiveConfig(
-        name="oput", block_size=4, on_policy_ratio=1.0, noise_range_low=0.3, noise_range_high=0.9))[2]
+    all_on = oput.train_loss(model, batch, key, 29, OPUTSettings(
+        block_size=4, on_policy_ratio=1.0, noise_range_low=0.3, noise_range_high=0.9))[2]
     assert int(all_on["replaced"]) == int(np.asarray(masked).sum()) > 0
 
 

@@ -24,12 +24,12 @@ LAYOUTS = {
 SPECS = """
 import json, sys
 import jax
-from trainer import config, sharding, train
+from trainer import config, sharding, state as state_lib
 cfg = config.load(None, sys.argv[1:])
 cfg.model.vocab_size = 64
 mesh, rules = sharding.make_mesh(cfg.mesh), sharding.parse_rules(cfg.mesh.rules)
-tx, _ = train.make_optimizer(cfg.optim, 10)
-state, _ = train.sharded_init(cfg, tx, mesh, rules)
+tx, _ = state_lib.make_optimizer(cfg.optim, 10)
+state, _ = state_lib.sharded_init(cfg, tx, mesh, rules)
 block, mu = state["params"]["blocks"], state["opt_state"][1][0].mu["blocks"]
 if not cfg.model.scan_layers:
     block, mu = block[0], mu[0]

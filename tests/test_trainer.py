@@ -21,9 +21,12 @@ from flax import nnx
 
 from trainer import __main__ as cli
 from trainer import config as config_lib
-from trainer import data, hf, loss, packing, train
-from trainer.config import Config, ModelConfig, ObjectiveConfig
-from trainer.model import Transformer, attention_mask, param_count
+from trainer import data, hf, packing, state, train
+from trainer.config import Config, ModelConfig
+from trainer.objectives import ar, mdlm
+from trainer.objectives.mdlm import MDLMSettings
+from trainer.attention import Dense, segment_mask
+from trainer.model import Transformer, param_count
 
 
 def metrics(run_dir) -> list[dict]:
@@ -195,7 +198,7 @@ def test_attention_never_crosses_packed_documents():
         a, b = model(tokens, segments, positions, causal), model(changed, segments, positions, causal)
         assert jnp.array_equal(a[0, :6], b[0, :6])  # document 1 is blind to document 2
         assert not jnp.allclose(a[0, 9:13], b[0, 9:13])  # later tokens of document 2 see it
-    mask = attention_mask(segments, causal=False)[0, 0]
+    mask = segment_mask(segments, causal=False)[0, 0]
     assert mask.tolist() == (segments[0][:, None] == segments[0][None, :]).tolist()
 
 
@@ -205,7 +208,7 @@ def _stacked_like_scanned(unrolled: dict, layers: int) -> dict:
     return {**unrolled, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
 
 
-@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("remat", ["none", "dots", "full"])
 def test_scanned_layers_compute_what_unrolled_layers_compute(remat):
     cfg = ModelConfig(vocab_size=50, hidden=32, layers=3, heads=2, mlp_hidden=64, max_seq_len=16, remat=remat)
     unrolled = Transformer(cfg, nnx.Rngs(0))
@@ -222,7 +225,7 @@ def test_scanned_layers_compute_what_unrolled_layers_compute(remat):
     # The decoding path: 4 new tokens written at offset 6 of a 16-slot KV cache per layer.
     caches = [(jnp.ones((1, 16, 2, 16)) * i, jnp.ones((1, 16, 2, 16)) * -i, 6) for i in range(3)]
     x, pos = unrolled.embed(tokens[:, :4]), jnp.arange(6, 10)[None]
-    mask = jnp.ones((1, 1, 4, 16), bool)
+    mask = Dense(jnp.ones((1, 1, 4, 16), bool))
     (a, kv_a), (b, kv_b) = unrolled.forward(x, pos, mask, caches), scanned.forward(x, pos, mask, caches)
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
     for (ka, va), (kb, vb) in zip(kv_a, kv_b, strict=True):
@@ -234,10 +237,14 @@ def test_scanned_layers_compute_what_unrolled_layers_compute(remat):
 
 def test_an_attention_kernel_this_platform_lacks_is_one_line(capsys, tiny_overrides, tmp_path):
     assert "cudnn needs model.compute_dtype=bfloat16" in cli_error(capsys, *tiny_overrides, "model.attention=cudnn")
-    assert "model.attention must be xla or cudnn" in cli_error(capsys, *tiny_overrides, "model.attention=flash")
+    assert "model.attention must be one of auto, xla, cudnn, splash" in cli_error(
+        capsys, *tiny_overrides, "model.attention=flash")
     if jax.default_backend() != "gpu":
         assert "model.attention=cudnn needs an NVIDIA GPU" in cli_error(
             capsys, *tiny_overrides, "model.attention=cudnn", "model.compute_dtype=bfloat16")
+    if jax.default_backend() != "tpu":
+        assert "model.attention=splash needs a TPU" in cli_error(capsys, *tiny_overrides, "model.attention=splash")
+    assert not (tmp_path / "run").exists()
 
 
 def test_data_order_is_a_function_of_the_seed(tiny_dataset):
@@ -288,13 +295,13 @@ def test_mdlm_loss_matches_a_direct_computation():
     segments = np.array([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
     seen = {}
 
-    def logits_fn(noisy, causal):
+    def model(noisy, segments, positions, causal):
         seen["noisy"] = noisy
         return jnp.asarray(table)
 
-    cfg = ObjectiveConfig(noise_schedule="linear")
-    total, count = loss.mdlm_loss(logits_fn, jnp.asarray(tokens), jnp.asarray(segments), jax.random.key(0),
-                                  mask_id, cfg, t_B=jnp.ones(2))
+    batch = {"tokens": jnp.asarray(tokens), "tokens_segment_ids": jnp.asarray(segments), "tokens_positions": None}
+    total, count = mdlm.nelbo(model, batch, jax.random.key(0), mask_id, MDLMSettings(noise_schedule="linear"),
+                              t_B=jnp.ones(2))
     logp = _log_softmax_np(np.where(np.arange(vocab) == mask_id, -np.inf, table))
     nll = -np.take_along_axis(logp, tokens[..., None], -1)[..., 0]
     real = segments != 0
@@ -310,17 +317,18 @@ def test_mdlm_nelbo_of_a_uniform_model_is_log_vocab(schedule):
     vocab, mask_id = 64, 63
     tokens = jax.random.randint(jax.random.key(1), (512, 32), 0, 63)
     segments = jnp.ones_like(tokens)
-    uniform = lambda noisy, causal: jnp.zeros((*noisy.shape, vocab))  # noqa: E731
-    total, count = loss.mdlm_loss(uniform, tokens, segments, jax.random.key(2), mask_id,
-                                  ObjectiveConfig(noise_schedule=schedule))
+    uniform = lambda noisy, segments, positions, causal: jnp.zeros((*noisy.shape, vocab))  # noqa: E731
+    batch = {"tokens": tokens, "tokens_segment_ids": segments, "tokens_positions": None}
+    total, count = mdlm.nelbo(uniform, batch, jax.random.key(2), mask_id, MDLMSettings(noise_schedule=schedule))
     assert abs(float(total / count) / np.log(vocab - 1) - 1) < 0.03
 
 
 def test_ar_loss_skips_document_boundaries_and_padding():
     tokens = jnp.array([[5, 6, 7, 8, 9, 0]])
     segments = jnp.array([[1, 1, 1, 2, 2, 0]])
-    uniform = lambda toks, causal: jnp.zeros((*toks.shape, 16))  # noqa: E731
-    total, count = loss.ar_loss(uniform, tokens, segments)
+    uniform = lambda toks, segments, positions, causal: jnp.zeros((*toks.shape, 16))  # noqa: E731
+    total, count = ar.next_token_nll(uniform, {"tokens": tokens, "tokens_segment_ids": segments,
+                                               "tokens_positions": None})
     assert int(count) == 3  # 5->6, 6->7, 8->9; not 7->8 across documents, not 9->pad
     np.testing.assert_allclose(float(total), 3 * np.log(16), rtol=1e-6)
 
@@ -341,9 +349,6 @@ def test_loss_decreases_on_the_sample_corpus(tiny_overrides, tmp_path, objective
 
 
 def test_gradient_accumulation_equals_the_full_batch(tiny_overrides, tmp_path):
-    from evals import checkpoints
-    from trainer import checkpoint
-
     runs, params = {}, {}
     for accum in (1, 4):
         run_dir = tmp_path / f"accum{accum}"
@@ -351,11 +356,11 @@ def test_gradient_accumulation_equals_the_full_batch(tiny_overrides, tmp_path):
                                      f"train.grad_accum={accum}", "objective.name=ar"])
         assert train.run(cfg) == 0
         runs[accum] = [m["loss"] for m in metrics(run_dir)]
-        params[accum] = checkpoints.restore_params(checkpoint.reader(str(run_dir)), 4, cfg)[1]
+        params[accum] = state.load_params(str(run_dir), 4)[1]
     np.testing.assert_allclose(runs[1], runs[4], rtol=2e-5)
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), params[1], params[4])
     assert max(jax.tree.leaves(moved)) < 1e-5  # four updates at full learning rate land on the same params
-    initial = train.init_state(cfg, train.make_optimizer(cfg.optim, 4)[0])["params"]
+    initial = state.init_state(cfg, state.make_optimizer(cfg.optim, 4)[0])["params"]
     assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), params[4], initial))) > 1e-3
 
 
@@ -442,21 +447,20 @@ def test_an_uncommitted_step_is_never_read(tiny_overrides, tmp_path, capsys):
     capsys.readouterr()
     assert train.run(config_lib.load(None, [*tiny_overrides, "train.steps=3", "train.checkpoint_every=3"])) == 0
     assert "resuming at step 2" in capsys.readouterr().out
-    from evals import checkpoints
-    from trainer import checkpoint
+    from trainer import checkpointing
 
-    assert checkpoints.committed_steps(checkpoint.reader(str(tmp_path / "run"))) == [2, 3]
+    assert checkpointing.committed_steps(checkpointing.reader(str(tmp_path / "run"))) == [2, 3]
 
 
 def test_bfloat16_compute_keeps_float32_params(tiny_overrides, tmp_path):
     # The seed config's settings: bf16 compute, remat, scanned layers.
     cfg = config_lib.load(None, [*tiny_overrides, "model.compute_dtype=bfloat16", "model.remat=true",
                                  "model.scan_layers=true", "train.steps=3", "train.checkpoint_every=3"])
-    tx, _ = train.make_optimizer(cfg.optim, 3)
+    tx, _ = state.make_optimizer(cfg.optim, 3)
     cfg.model.vocab_size = 64
-    state = train.init_state(cfg, tx)
-    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype("float32")}
-    model = nnx.merge(train.model_graphdef(cfg), state["params"])
+    initial = state.init_state(cfg, tx)
+    assert {x.dtype for x in jax.tree.leaves(initial["params"])} == {jnp.dtype("float32")}
+    model = nnx.merge(state.model_graphdef(cfg), initial["params"])
     tokens = jnp.ones((2, 16), jnp.int32)
     logits = model(tokens, jnp.ones_like(tokens), jnp.tile(jnp.arange(16), (2, 1)))
     assert logits.dtype == jnp.float32  # bf16 inside, float32 logits for the loss

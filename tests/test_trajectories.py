@@ -13,7 +13,7 @@ from pipelines import preprocess
 from tests.conftest import TINY_MODEL
 from trainer import config as config_lib
 from trainer import data, train
-from trainer.checkpoint import TopologyError
+from trainer.errors import MismatchError
 
 SMALL = ["num_prompts=10", "prompt_tokens=6", "batch_size=4", "rows_per_part=4", "sampling.gen_length=24",
          "keep_unfinished=true"]
@@ -105,10 +105,10 @@ def test_oput_starts_from_a_bd3lm_run_only_when_tokenizer_and_blocks_match(bd3lm
     assert train.run(cfg) == 0
     wrong_blocks = config_lib.load(None, [*common, f"data.path={own}", f"run_dir={tmp_path / 'b'}",
                                           "objective.block_size=16"])
-    with pytest.raises(TopologyError, match="block_size=8"):
+    with pytest.raises(MismatchError, match="block_size=8"):
         train.run(wrong_blocks)
     other_tokenizer = config_lib.load(None, [*common, f"data.path={trajectory_dataset}", f"run_dir={tmp_path / 't'}",
                                              "objective.block_size=8", "model.vocab_size=0"])
-    with pytest.raises(TopologyError, match="another tokenizer|model.vocab_size"):
+    with pytest.raises(MismatchError, match="another tokenizer|model.vocab_size"):
         train.run(other_tokenizer)
     assert not (tmp_path / "b").exists() and not (tmp_path / "t").exists()  # refused before writing anything

@@ -13,7 +13,7 @@ from flax import nnx
 
 from evals import __main__ as evals_cli
 from tests.conftest import TINY_MODEL
-from trainer import checkpoint, hf, train
+from trainer import hf, state, train
 from trainer import config as config_lib
 from trainer import export as export_cli
 from trainer.config import ModelConfig
@@ -57,9 +57,7 @@ def test_export_then_import_gives_identical_params_and_logits(trained, tmp_path)
     assert hf_config["model_type"] == "qwen3" and hf_config["num_key_value_heads"] == 1
     assert hf_config["diffusion_lm"]["step"] == 4 and "mask_token_id" in hf_config
 
-    tx, _ = train.make_optimizer(cfg.optim, cfg.train.steps)
-    original = checkpoint.restore_params(checkpoint.reader(str(run_dir)), 4,
-                                         jax.eval_shape(lambda: train.init_state(cfg, tx)))
+    original = state.load_params(str(run_dir), 4, cfg).params
     loaded = load_on_one_device(tmp_path / "export", cfg.model)
     for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(loaded)):
         assert np.array_equal(np.asarray(a), np.asarray(b))

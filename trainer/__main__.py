@@ -12,8 +12,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value, nested keys with dots (train.steps=100)")
     args = parser.parse_args(argv)
 
-    from trainer import checkpoint, data, hf, runlock, train  # after argparse: --help stays instant
+    from trainer import hf, sharding, train  # after argparse: --help stays instant
     from trainer import config as config_lib
+    from trainer.errors import UserError
 
     try:
         cfg = config_lib.load(args.config, args.overrides)
@@ -21,10 +22,10 @@ def main(argv: list[str]) -> int:
             hf.resolve_model(cfg.model, cfg.model.init_from)
         import jax
 
-        cfg.validate(num_devices=jax.device_count(), num_processes=jax.process_count())
+        cfg.validate(num_processes=jax.process_count())
+        sharding.validate(cfg, jax.device_count())
         return train.run(cfg)
-    except (config_lib.ConfigError, data.DataError, checkpoint.TopologyError, hf.WeightsError,
-            runlock.RunLocked) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except train.NonFiniteLoss as e:

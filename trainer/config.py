@@ -8,19 +8,17 @@ from typing import Any
 import yaml
 from etils import epath
 
+from trainer import attention, objectives
+from trainer.errors import ConfigError
+from trainer.objectives.mdlm import MDLMSettings
 
-# Objectives whose models attend block-causally (trained on [noisy | clean] block-diffusion rows).
-BLOCK_DIFFUSION = ("bd3lm", "oput")
-OBJECTIVES = ("mdlm", "bd3lm", "ar", "oput")
 
-
+REMAT = ("none", "dots", "full")  # model.remat policies (trainer/model.py)
+# Values older trainers wrote, read as what they meant (a run's saved config.yaml, or an older config).
+LEGACY_VALUES = {"model.remat": {False: "none", True: "full"}}
 # Keys older trainers wrote into a run's config.yaml: refused in a user's config (with what replaced
 # them), skipped when reading a run's saved config (so older runs stay readable by evals).
 RETIRED = {"data.packing_bins": "replaced by data.pack_documents (data order 2: chunks packed best-fit)"}
-
-
-class ConfigError(Exception):
-    """A config problem: reported as one line naming the key, exit code 2."""
 
 
 @dataclasses.dataclass
@@ -38,9 +36,9 @@ class ModelConfig:
     rope_theta: float = 10_000.0  # RoPE base
     tie_embeddings: bool = True  # output head shares the token embedding
     compute_dtype: str = "float32"  # float32 | bfloat16 (params stay float32)
-    remat: bool = False  # recompute block activations in the backward pass
+    remat: str = "none"  # activation checkpointing per block: none | dots (keep weight matmul outputs) | full
     scan_layers: bool = False  # blocks under nnx.scan: compile time constant in depth; params stacked on a layer axis
-    attention: str = "xla"  # attention kernel: xla (any platform, any mask) | cudnn (fused; GPU, bfloat16)
+    attention: str = "auto"  # kernel: auto (cudnn on GPU in bf16, splash on TPU, else xla) | xla | cudnn | splash
     init_from: str = ""  # a Hugging Face Llama/Qwen3 directory to start from (architecture from its config.json)
 
 
@@ -55,21 +53,6 @@ class DataConfig:
     read_buffer: int = 4  # chunks read ahead when read_threads > 0
     streams: int = 0  # loader streams per global batch, a multiple of the process count (0 = one per process)
     verify: str = "full"  # shard check at start: full (sha256 of every shard) | quick (record counts)
-
-
-@dataclasses.dataclass
-class ObjectiveConfig:
-    name: str = "mdlm"  # mdlm | bd3lm (block diffusion) | ar | oput (DMax on-policy uniform training, trajectory data)
-    noise_schedule: str = "loglinear"  # loglinear | linear | cosine (mdlm, bd3lm)
-    antithetic: bool = True  # low-discrepancy time sampling across the batch (mdlm, bd3lm)
-    eps: float = 1e-3  # smallest diffusion time (mdlm, bd3lm)
-    block_size: int = 32  # block-diffusion block length (bd3lm, oput; evals decode with the same blocks)
-    # Training mask rates drawn from [low, high]: per block for bd3lm (BD3LM's clipped schedules;
-    # 0..1 is the unbiased NELBO), per example for oput (DMax trains at 0.75..0.75).
-    noise_range_low: float = 0.0
-    noise_range_high: float = 1.0  # (see noise_range_low)
-    on_policy_ratio: float = 0.5  # share of examples trained on the model's own drafts (oput)
-    supervised_eos: int = 32  # trailing EOS positions after the response that carry loss (oput)
 
 
 @dataclasses.dataclass
@@ -116,18 +99,17 @@ class Config:
     seed: int = 0  # data order, init and noise all derive from it
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    # The registered objective `objective.name` and its own settings (trainer/objectives/<name>.py).
+    objective: objectives.Settings = dataclasses.field(default_factory=MDLMSettings)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
-    def validate(self, num_devices: int = 1, num_processes: int = 1) -> None:
-        from trainer import sharding  # imports this module
-
+    def validate(self, num_processes: int = 1) -> None:
+        """Every rule that does not depend on the devices (trainer/sharding.py checks the mesh)."""
         m, d, t = self.model, self.data, self.train
-        batch_parallel = sharding.batch_parallelism(self.mesh, num_devices)  # also checks the mesh
-        rules = [
+        check([
             (bool(self.run_dir), "run_dir", "is required"),
             (m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the dataset)"),
             (bool(d.path), "data.path", "is required (a preprocess output directory)"),
@@ -139,29 +121,17 @@ class Config:
             ((m.head_dim or m.hidden // max(m.heads, 1)) % 2 == 0, "model.head_dim", "must be even for RoPE"),
             (m.heads % max(m.kv_heads or m.heads, 1) == 0, "model.kv_heads", f"must divide model.heads {m.heads}"),
             (m.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype", "must be float32 or bfloat16"),
-            (m.attention in ("xla", "cudnn"), "model.attention", "must be xla or cudnn"),
+            (m.attention in attention.KERNELS, "model.attention", f"must be one of {', '.join(attention.KERNELS)}"),
             (m.attention != "cudnn" or m.compute_dtype == "bfloat16", "model.attention",
              "cudnn needs model.compute_dtype=bfloat16 (cuDNN's fused attention has no float32 kernel)"),
+            (m.remat in REMAT, "model.remat", f"must be one of {', '.join(REMAT)}"),
             (0 < d.seq_len <= m.max_seq_len, "data.seq_len", f"must be in [1, model.max_seq_len={m.max_seq_len}]"),
             (d.pack_documents >= 1, "data.pack_documents", "must be at least 1"),
             (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
             (d.verify in ("full", "quick"), "data.verify", "must be full or quick"),
-            (self.objective.name in OBJECTIVES, "objective.name", f"must be one of {', '.join(OBJECTIVES)}"),
-            (self.objective.block_size >= 1, "objective.block_size", "must be at least 1"),
-            (self.objective.name != "oput" or d.seq_len % max(self.objective.block_size, 1) == 0, "data.seq_len",
-             f"must be a multiple of objective.block_size={self.objective.block_size} for oput"),
-            (0 <= self.objective.noise_range_low <= self.objective.noise_range_high <= 1,
-             "objective.noise_range_low", "and noise_range_high must satisfy 0 <= low <= high <= 1"),
-            (self.objective.name != "bd3lm" or self.objective.noise_range_high > self.objective.eps,
-             "objective.noise_range_high", f"must be above objective.eps={self.objective.eps} for bd3lm"),
-            (0 <= self.objective.on_policy_ratio <= 1, "objective.on_policy_ratio", "must be in [0, 1]"),
-            (self.objective.noise_schedule in ("loglinear", "linear", "cosine"), "objective.noise_schedule",
-             "must be loglinear, linear or cosine"),
-            (0 < self.objective.eps < 1, "objective.eps", "must be in (0, 1)"),
+            *self.objective.rules(self),
             (t.steps >= 1, "train.steps", "must be at least 1"),
             (t.grad_accum >= 1, "train.grad_accum", "must be at least 1"),
-            (t.global_batch % (t.grad_accum * batch_parallel) == 0, "train.global_batch",
-             f"must be divisible by grad_accum x batch-parallel devices = {t.grad_accum * batch_parallel}"),
             (d.streams >= 0 and (d.streams or num_processes) % num_processes == 0, "data.streams",
              f"must be 0 or a multiple of the {num_processes} processes"),
             (t.global_batch % (d.streams or num_processes) == 0, "train.global_batch",
@@ -172,10 +142,15 @@ class Config:
             (t.nan_policy in ("stop", "skip"), "train.nan_policy", "must be stop or skip"),
             (self.optim.lr > 0, "optim.lr", "must be positive"),
             (self.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", "must be offline, online or disabled"),
-        ]
-        for ok, key, message in rules:
-            if not ok:
-                raise ConfigError(f"{key} {message}")
+        ])
+        attention.resolve(m.attention, m.compute_dtype)  # a kernel this platform lacks: refused here, before any write
+
+
+def check(rules: list[tuple[bool, str, str]]) -> None:
+    """Raises ConfigError for the first (condition, key, message) whose condition is false."""
+    for ok, key, message in rules:
+        if not ok:
+            raise ConfigError(f"{key} {message}")
 
 
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
@@ -201,14 +176,54 @@ def _apply(target: Any, values: dict[str, Any], prefix: str = "", saved: bool = 
         if key in RETIRED:
             raise ConfigError(f"{key} is retired: {RETIRED[key]}")
         if name not in fields:
-            raise ConfigError(f"{key} is not a config key (known: {', '.join(sorted(fields))})")
+            if saved and isinstance(target, objectives.Settings):
+                continue  # older trainers saved every objective's keys in each run's config.yaml
+            known = ", ".join(sorted(fields))
+            where = f"a setting of objective {target.name}" if isinstance(target, objectives.Settings) else "a config key"
+            raise ConfigError(f"{key} is not {where} (known: {known})")
         current = getattr(target, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key} must be a mapping")
+            if isinstance(current, objectives.Settings):
+                current = _objective_settings(current, value.get("name", current.name))
+                setattr(target, name, current)
             _apply(current, value, f"{key}.", saved)
         else:
+            value = LEGACY_VALUES.get(key, {}).get(value, value) if isinstance(value, bool) else value
             setattr(target, name, _check_type(key, value, fields[name].type))
+
+
+def _objective_settings(current: objectives.Settings, name: Any) -> objectives.Settings:
+    """The settings of objective `name`, keeping the values of `current` that it shares."""
+    chosen = objectives.get(_check_type("objective.name", name, "str")).settings
+    if type(current) is chosen:
+        return current
+    shared = {f.name: getattr(current, f.name) for f in dataclasses.fields(chosen) if hasattr(current, f.name)}
+    return chosen(**{**shared, "name": name})
+
+
+def _layer(values: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """A config layer (a base file, a file, an override) over the earlier ones. A layer that names
+    another objective drops the earlier layers' settings of the objective it replaces (what the new
+    one does not own), so `--config X objective.name=ar` works whatever objective X trains."""
+    old, new = values.get("objective"), layer.get("objective")
+    if isinstance(old, dict) and isinstance(new, dict) and new.get("name", old.get("name")) != old.get("name"):
+        try:
+            owned = {f.name for f in dataclasses.fields(objectives.get(new["name"]).settings)}
+        except (ConfigError, TypeError):
+            owned = set(old)  # an unknown name is refused when the settings apply
+        values = {**values, "objective": {k: v for k, v in old.items() if k in owned}}
+    return _merge(values, layer)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` over `base`, mappings merged key by key."""
+    merged = dict(base)
+    for key, value in update.items():
+        both = isinstance(merged.get(key), dict) and isinstance(value, dict)
+        merged[key] = _merge(merged[key], value) if both else value
+    return merged
 
 
 def _override(assignment: str) -> dict[str, Any]:
@@ -235,23 +250,38 @@ def load_run(run_dir: Any) -> Config:
 
 
 def load_into(config: Any, path: str | None, overrides: list[str], saved: bool = False) -> Any:
-    """Fills a config dataclass from a YAML file, then `key=value` overrides; checks keys and types.
+    """Fills a config dataclass from a YAML file (and the files its `base:` names), then `key=value`
+    overrides, all merged before they apply; checks keys and types.
     `saved`: the file is a run's own config.yaml (retired keys are skipped, not refused)."""
-    if path is not None:
-        try:
-            values = yaml.safe_load(epath.Path(path).read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path} is not UTF-8 text: save the config as UTF-8") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path} must hold a mapping of config keys")
-        _apply(config, values, saved=saved)
+    values = {} if path is None else _read_yaml(path)
     for assignment in overrides:
-        _apply(config, _override(assignment))
+        values = _layer(values, _override(assignment))
+    _apply(config, values, saved=saved)
     return config
+
+
+def _read_yaml(path: str, children: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A YAML config as a mapping, over the config its `base:` key names (a path relative to it;
+    MaxText's base_config), so a config holds only its differences."""
+    try:
+        values = yaml.safe_load(epath.Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text: save the config as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ConfigError(f"base in {path} must name a config file, got {base!r}")
+    base_path = str(epath.Path(path).parent / base)
+    if base_path in children or base_path == path:
+        raise ConfigError(f"base in {path} makes a loop through {base_path}")
+    return _layer(_read_yaml(base_path, (*children, path)), values)
 
 
 def to_dict(config: Config) -> dict[str, Any]:

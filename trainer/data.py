@@ -20,18 +20,15 @@ import grain
 import numpy as np
 from etils import epath
 
-from trainer import packing
+from trainer import objectives, packing
 from trainer.config import Config, ModelConfig
+from trainer.errors import DataError
 
 FORMAT_VERSION = 1
 # Which documents share a row and which rows form a batch; a checkpointed iterator state resumes
 # only under the order that wrote it. 1: Grain's first-fit packer over single documents.
 # 2: chunks of data.pack_documents packed best-fit decreasing.
 DATA_ORDER = 2
-
-
-class DataError(Exception):
-    """The dataset cannot feed this config: one line, exit code 2."""
 
 
 def load_manifest(path: str) -> dict[str, Any]:
@@ -43,6 +40,12 @@ def load_manifest(path: str) -> dict[str, Any]:
         raise DataError(f"{manifest_path} has format_version {manifest.get('format_version')}, "
                         f"this trainer reads {FORMAT_VERSION}")
     return manifest
+
+
+def tokenizer_sha(path: str) -> str | None:
+    """The sha256 of a dataset's tokenizer from its manifest (None where it has no manifest)."""
+    manifest_path = epath.Path(path) / "manifest.json"
+    return json.loads(manifest_path.read_text())["tokenizer"]["sha256"] if manifest_path.exists() else None
 
 
 def check_dataset(path: str, manifest: dict[str, Any], model: ModelConfig, verify: str = "full") -> None:
@@ -205,6 +208,10 @@ def trajectory_dataset(cfg: Config, manifest: dict[str, Any], split: str, batch_
     return ds.batch(batch_size, drop_remainder=repeat)
 
 
+# The rows each kind of objective reads (an objective's registry entry names one).
+LOADERS = {objectives.registry.PACKED: packed_dataset, objectives.registry.TRAJECTORY: trajectory_dataset}
+
+
 class _ConcatStreams(grain.IterDataset):
     """Each step, one batch from every stream, concatenated along rows (stream order)."""
 
@@ -244,7 +251,7 @@ def train_iterator(cfg: Config, manifest: dict[str, Any], process_index: int = 0
     """
     streams = cfg.data.streams or process_count
     rows = cfg.train.global_batch // streams
-    make = trajectory_dataset if cfg.objective.name == "oput" else packed_dataset
+    make = LOADERS[objectives.get(cfg.objective.name).batch]
     owned = range(process_index * streams // process_count, (process_index + 1) * streams // process_count)
     parts = [make(cfg, manifest, "train", rows, shuffle=True, repeat=True, process_index=s, process_count=streams)
              for s in owned]

@@ -20,32 +20,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max_shard_mb", type=int, default=2048, help="Split weights into files of about this size")
     args = parser.parse_args(argv)
 
-    import jax
     from etils import epath
 
-    from trainer import checkpoint, data, hf, train
+    from trainer import data, hf, state
     from trainer import config as config_lib
+    from trainer.errors import RunError, UserError
 
     try:
         run = epath.Path(args.run_dir)
         if not (run / "config.yaml").exists():
-            raise config_lib.ConfigError(f"{args.run_dir} is not a trainer run directory (no config.yaml)")
+            raise RunError(f"{args.run_dir} is not a trainer run directory (no config.yaml)")
         cfg = config_lib.load_run(run)
-        mngr = checkpoint.reader(args.run_dir)
-        steps = mngr.all_steps()
-        step = args.step if args.step is not None else max(steps, default=None)
-        if step not in steps:
-            raise config_lib.ConfigError(f"{args.run_dir} has no committed checkpoint at step {step} "
-                                         f"(committed: {sorted(steps)})")
-        tx, _ = train.make_optimizer(cfg.optim, cfg.train.steps)
-        params = checkpoint.restore_params(mngr, step, jax.eval_shape(lambda: train.init_state(cfg, tx)))
+        _, params, step = state.load_params(args.run_dir, args.step, cfg)
         manifest = data.load_manifest(cfg.data.path)
         ids = data.special_ids(manifest)
         extra = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"],
                  "mask_token_id": ids["mask"],
                  "diffusion_lm": {"objective": cfg.objective.name, "step": step, "run_dir": args.run_dir}}
         files = hf.export(params, cfg.model, args.output, extra, max_shard_bytes=args.max_shard_mb << 20)
-    except (config_lib.ConfigError, data.DataError, hf.WeightsError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = epath.Path(args.output)

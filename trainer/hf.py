@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from trainer.config import ModelConfig
+from trainer.errors import UserError
 from trainer.model import head_dim, kv_heads
 
 INDEX = "model.safetensors.index.json"
@@ -33,7 +34,7 @@ FIELDS = {
 }
 
 
-class WeightsError(Exception):
+class WeightsError(UserError):
     """An unusable weights directory: one line naming the file, tensor or field, exit code 2."""
 
 

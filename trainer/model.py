@@ -1,15 +1,21 @@
-"""A Flax NNX transformer: bidirectional (diffusion) or causal (AR baseline), segment-masked.
+"""A Flax NNX transformer: bidirectional (diffusion), causal (AR baseline) or two-stream (block
+diffusion), over packed rows; what a query sees is described by trainer/attention.py, not a mask.
 
 Shapes: B batch, L length, D hidden, H heads, K head size, F SwiGLU width, V vocab.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from trainer.config import ConfigError, ModelConfig
+from trainer import attention
+
+if TYPE_CHECKING:
+    from trainer.config import ModelConfig
 
 
 def rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
@@ -21,18 +27,6 @@ def rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_BLHK.dtype)
 
 
-def attention_mask(segment_ids_BL: jax.Array, causal: bool) -> jax.Array:
-    """[B, 1, L, L] bool: a query sees keys of its own packed document (and earlier ones if causal).
-
-    Padding (segment 0) sees only padding, so no row is empty; real tokens never see it.
-    """
-    same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-    if causal:
-        length = segment_ids_BL.shape[1]
-        same_BLL &= jnp.tril(jnp.ones((length, length), bool))
-    return same_BLL[:, None]
-
-
 def head_dim(cfg: ModelConfig) -> int:
     return cfg.head_dim or cfg.hidden // cfg.heads
 
@@ -41,11 +35,17 @@ def kv_heads(cfg: ModelConfig) -> int:
     return cfg.kv_heads or cfg.heads
 
 
-def check_platform(cfg: ModelConfig) -> None:
-    """A kernel this platform lacks is one clear error, never a silent fallback to another kernel."""
-    if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
-        raise ConfigError(f"model.attention=cudnn needs an NVIDIA GPU; this platform is {jax.default_backend()}: "
-                          "use model.attention=xla")
+# Activation checkpointing of each block (model.remat): what the backward pass keeps from the forward.
+REMAT_POLICIES = {
+    "none": None,  # keep every activation (fastest, most memory)
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmul outputs; recompute attention
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+}
+
+
+def remat(fn, policy: str):
+    """`fn` under the block's activation checkpointing policy."""
+    return fn if policy == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
 
 
 class Attention(nnx.Module):
@@ -53,7 +53,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.compute_dtype)
-        self.kernel = cfg.attention
+        self.kernel = attention.resolve(cfg.attention, cfg.compute_dtype)
         self.heads, self.kv_heads, self.head_dim, self.theta = cfg.heads, kv_heads(cfg), head_dim(cfg), cfg.rope_theta
         linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)  # noqa: E731
         self.q = linear(cfg.hidden, self.heads * self.head_dim)
@@ -63,9 +63,10 @@ class Attention(nnx.Module):
         norm = lambda: nnx.RMSNorm(self.head_dim, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)  # noqa: E731
         self.q_norm, self.k_norm = (norm(), norm()) if cfg.qk_norm else (None, None)
 
-    def __call__(self, x_BLD, positions_BL, mask_B1LS, cache=None):
-        """cache: (k_BSGK, v_BSGK, offset): this call's keys/values are written at `offset`
-        of fixed-size buffers and the queries attend over the whole buffer (S keys). G = kv heads."""
+    def __call__(self, x_BLD, positions_BL, spec, cache=None):
+        """spec: what each query sees (attention.Dense | Segments | TwoStream).
+        cache: (k_BSGK, v_BSGK, offset): this call's keys/values are written at `offset` of fixed-size
+        buffers and the queries attend over the whole buffer (S keys; spec is then Dense). G = kv heads."""
         batch, length, _ = x_BLD.shape
         q_BLHK = self.q(x_BLD).reshape(batch, length, self.heads, self.head_dim)
         k_BLGK = self.k(x_BLD).reshape(batch, length, self.kv_heads, self.head_dim)
@@ -77,7 +78,7 @@ class Attention(nnx.Module):
             cache_k, cache_v, offset = cache
             k_BLGK = jax.lax.dynamic_update_slice_in_dim(cache_k, k_BLGK.astype(cache_k.dtype), offset, 1)
             v_BLGK = jax.lax.dynamic_update_slice_in_dim(cache_v, v_BLGK.astype(cache_v.dtype), offset, 1)
-        out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, implementation=self.kernel)
+        out_BLHK = attention.attend(q_BLHK, k_BLGK, v_BLGK, spec, self.kernel)
         return self.o(out_BLHK.reshape(batch, length, self.heads * self.head_dim)), (k_BLGK, v_BLGK)
 
 
@@ -100,8 +101,8 @@ class Block(nnx.Module):
         self.mlp_norm = nnx.RMSNorm(cfg.hidden, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = SwiGLU(cfg, rngs)
 
-    def __call__(self, x_BLD, positions_BL, mask_B1LS, cache=None):
-        attn_BLD, kv = self.attn(self.attn_norm(x_BLD), positions_BL, mask_B1LS, cache)
+    def __call__(self, x_BLD, positions_BL, spec, cache=None):
+        attn_BLD, kv = self.attn(self.attn_norm(x_BLD), positions_BL, spec, cache)
         x_BLD = x_BLD + attn_BLD
         return x_BLD + self.mlp(self.mlp_norm(x_BLD)), kv
 
@@ -111,7 +112,6 @@ class Transformer(nnx.Module):
     (`blocks.attn.q.kernel[i]` is layer i's `blocks.i.attn.q.kernel`), run under jax.lax.scan."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        check_platform(cfg)
         self.cfg = cfg
         dtype = jnp.dtype(cfg.compute_dtype)
         self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden, dtype=dtype, rngs=rngs)
@@ -130,38 +130,42 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BL, segment_ids_BL, positions_BL, causal: bool = False):
         """Training/scoring path: logits [B, L, V] in float32 over packed rows."""
-        logits_BLV, _ = self.forward(self.embed(tokens_BL), positions_BL, attention_mask(segment_ids_BL, causal))
+        logits_BLV, _ = self.forward(self.embed(tokens_BL), positions_BL,
+                                     attention.Segments(segment_ids_BL, causal))
         return logits_BLV
 
-    def forward(self, x_BLD, positions_BL, mask_B1LS, caches=None, logits_for: int | None = None):
+    def forward(self, x_BLD, positions_BL, spec, caches=None, logits_for: int | None = None):
         """Embeddings in (hard or soft), (logits [B, L, V] float32, per-layer (k, v) buffers written
         when `caches` are given, else []) out.
 
+        spec: what each query sees (attention.Dense | Segments | TwoStream).
         caches: per layer (k_BSHK, v_BSHK, offset) for decoding against a fixed-size KV cache.
         logits_for: only the first n positions' logits (the noisy stream of a two-stream row).
         """
-        x_BLD, kvs = (self._scanned if self.cfg.scan_layers else self._unrolled)(x_BLD, positions_BL, mask_B1LS, caches)
+        x_BLD, kvs = (self._scanned if self.cfg.scan_layers else self._unrolled)(x_BLD, positions_BL, spec, caches)
         x_BLD = self.final_norm(x_BLD[:, :logits_for])
         logits_BLV = self.embed.attend(x_BLD) if self.head is None else self.head(x_BLD)
         return logits_BLV.astype(jnp.float32), kvs
 
-    def _unrolled(self, x_BLD, positions_BL, mask_B1LS, caches):
+    def _unrolled(self, x_BLD, positions_BL, spec, caches):
         kvs = []
-        call = nnx.remat(lambda b, *args: b(*args)) if self.cfg.remat else (lambda b, *args: b(*args))
+        call = lambda b, *args: b(*args)  # noqa: E731
+        if self.cfg.remat != "none":
+            call = nnx.remat(call, policy=REMAT_POLICIES[self.cfg.remat])
         for i, block in enumerate(self.blocks):
-            x_BLD, kv = call(block, x_BLD, positions_BL, mask_B1LS, None if caches is None else caches[i])
+            x_BLD, kv = call(block, x_BLD, positions_BL, spec, None if caches is None else caches[i])
             kvs.append(kv)
         return x_BLD, kvs if caches is not None else []
 
-    def _scanned(self, x_BLD, positions_BL, mask_B1LS, caches):
+    def _scanned(self, x_BLD, positions_BL, spec, caches):
         """One traced block for all layers (jax.lax.scan over the stacked params: pure JAX, so it also
         runs inside the decoders' loops); per-layer caches go in and come out stacked on axis 0."""
         graphdef, stacked = nnx.split(self.blocks)
 
         def layer(x_BLD, params, cache):
-            return nnx.merge(graphdef, params)(x_BLD, positions_BL, mask_B1LS, cache)
+            return nnx.merge(graphdef, params)(x_BLD, positions_BL, spec, cache)
 
-        layer = jax.checkpoint(layer) if self.cfg.remat else layer
+        layer = remat(layer, self.cfg.remat)
         if caches is None:
             x_BLD, _ = jax.lax.scan(lambda x, params: (layer(x, params, None)[0], None), x_BLD, stacked)
             return x_BLD, []

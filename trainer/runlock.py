@@ -18,10 +18,12 @@ import uuid
 
 from etils import epath
 
+from trainer.errors import UserError
+
 LOCK = ".lock"
 
 
-class RunLocked(Exception):
+class RunLocked(UserError):
     """Another live trainer holds the run directory: one line, exit code 2."""
 
 

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from trainer.config import ConfigError, MeshConfig
+from trainer.config import Config, MeshConfig, check
+from trainer.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axes of each parameter's dimensions, by the last names on its path.
@@ -119,6 +120,10 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-def batch_parallelism(cfg: MeshConfig, num_devices: int) -> int:
-    sizes = mesh_shape(cfg, num_devices)
-    return math.prod(sizes[a] for a in parse_rules(cfg.rules).get("batch", ()))
+def validate(cfg: Config, num_devices: int) -> None:
+    """The rules that depend on the devices: the mesh fills them, and the batch splits over its batch
+    axes and the accumulation steps."""
+    sizes = mesh_shape(cfg.mesh, num_devices)
+    batch_parallel = math.prod(sizes[a] for a in parse_rules(cfg.mesh.rules).get("batch", ()))
+    check([(cfg.train.global_batch % (cfg.train.grad_accum * batch_parallel) == 0, "train.global_batch",
+            f"must be divisible by grad_accum x batch-parallel devices = {cfg.train.grad_accum * batch_parallel}")])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import signal
 import sys
 import time
@@ -22,10 +21,12 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
-from trainer import block_diffusion, checkpoint, data, hf, loss, observe, oput, runlock, sharding
+from trainer import attention, checkpointing, data, hf, objectives, observe, runlock, sharding
+from trainer import state as state_lib
 from trainer import config as config_lib
-from trainer.config import BLOCK_DIFFUSION, Config, ObjectiveConfig, OptimConfig, dump, to_dict
-from trainer.model import Transformer, param_count, train_flops_per_token
+from trainer.config import Config, dump, to_dict
+from trainer.errors import MismatchError
+from trainer.model import param_count, train_flops_per_token
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
 
@@ -34,57 +35,15 @@ class NonFiniteLoss(Exception):
     """The loss stopped being finite under nan_policy=stop: one line, exit code 1."""
 
 
-def make_optimizer(cfg: OptimConfig, steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
-    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
-    return optax.chain(clip, optax.adamw(schedule, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay)), schedule
-
-
-def model_graphdef(cfg: Config) -> nnx.GraphDef:
-    """The model's structure without its weights (nothing is allocated)."""
-    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))[0]
-
-
-def init_state(cfg: Config, tx: optax.GradientTransformation) -> dict[str, Any]:
-    """The train state as plain pytrees (params as a pure dict) for jit and orbax."""
-    params = nnx.to_pure_dict(nnx.split(Transformer(cfg.model, nnx.Rngs(params=cfg.seed)))[1])
-    return {
-        "params": params,
-        "opt_state": tx.init(params),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key_data(jax.random.key(cfg.seed)),
-    }
-
-
-def sharded_init(cfg: Config, tx: optax.GradientTransformation, mesh, rules) -> tuple[dict[str, Any], Any]:
-    """(state created directly in its shardings, those shardings)."""
-    abstract = jax.eval_shape(lambda: init_state(cfg, tx))
-    shardings = sharding.state_shardings(abstract, mesh, rules)
-    return jax.jit(lambda: init_state(cfg, tx), out_shardings=shardings)(), shardings
-
-
-def batch_loss(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, cfg: ObjectiveConfig):
-    """(summed loss, token count, summed diagnostics) of one micro-batch under the configured objective."""
-    if cfg.name == "oput":
-        return oput.oput_loss(model, batch, key, mask_id, cfg)
-    segments, positions = batch["tokens_segment_ids"], batch["tokens_positions"]
-    if cfg.name == "bd3lm":
-        total, count = block_diffusion.bd3lm_loss(model, batch["tokens"], segments, positions, key, mask_id, cfg)
-        return total, count, {}
-    logits_fn = lambda toks_BL, causal: model(toks_BL, segments, positions, causal)  # noqa: E731
-    objective = loss.ar_loss if cfg.name == "ar" else loss.mdlm_loss
-    total, count = objective(logits_fn, batch["tokens"], segments, key, mask_id, cfg)
-    return total, count, {}
-
-
 def make_train_step(graphdef: nnx.GraphDef, cfg: Config, mask_id: int, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, shardings=None, batch_sharding=None):
     accum = cfg.train.grad_accum
+    objective = objectives.get(cfg.objective.name)
 
     def summed_loss(params, micro_batch, key):
-        total, count, sums = batch_loss(nnx.merge(graphdef, params), micro_batch, key, mask_id, cfg.objective)
+        """(summed loss, (token count, summed diagnostics)) of one micro-batch."""
+        total, count, sums = objective.train_loss(nnx.merge(graphdef, params), micro_batch, key, mask_id,
+                                                  cfg.objective)
         return total, (count, sums)
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
@@ -117,9 +76,8 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: Config, mask_id: int, tx: optax
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
-        metrics = {"loss": value, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
-        if cfg.objective.name == "oput":
-            metrics.update(oput.report(sums))
+        metrics = {"loss": value, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite,
+                   **objective.report(sums)}
         return new_state, metrics
 
     if shardings is None:
@@ -139,12 +97,12 @@ def check_resume(cfg: Config) -> None:
     """A run directory resumes only with the model it was trained with: refused in one line before
     its config.yaml (which evals read) is rewritten."""
     path, checkpoints = epath.Path(cfg.run_dir) / "config.yaml", epath.Path(cfg.run_dir) / "checkpoints"
-    if not path.exists() or not checkpoints.exists() or checkpoint.reader(cfg.run_dir).latest_step() is None:
+    if not path.exists() or not checkpoints.exists() or checkpointing.reader(cfg.run_dir).latest_step() is None:
         return  # nothing trained yet: nothing to protect
     saved = config_lib.load_run(cfg.run_dir).model
     for field in dataclasses.fields(saved):
         if field.name != "init_from" and getattr(saved, field.name) != getattr(cfg.model, field.name):
-            raise checkpoint.TopologyError(
+            raise MismatchError(
                 f"{cfg.run_dir} holds a run with model.{field.name}={getattr(saved, field.name)}, this config has "
                 f"{getattr(cfg.model, field.name)}: resume with the run's model or use a new run_dir")
 
@@ -155,24 +113,20 @@ def check_init_source(cfg: Config, manifest: dict[str, Any]) -> None:
     source = cfg.train.init_from_run
     path = epath.Path(source) / "config.yaml"
     if not path.exists():
-        raise checkpoint.TopologyError(f"train.init_from_run {source} is not a trainer run directory (no config.yaml)")
+        raise MismatchError(f"train.init_from_run {source} is not a trainer run directory (no config.yaml)")
     other = config_lib.load_run(source)
     for field in ("hidden", "layers", "heads", "kv_heads", "head_dim", "mlp_hidden", "qk_norm", "tie_embeddings",
                   "vocab_size", "scan_layers"):
         if getattr(other.model, field) != getattr(cfg.model, field):
-            raise checkpoint.TopologyError(f"train.init_from_run {source} has model.{field}="
-                                           f"{getattr(other.model, field)}, this run {getattr(cfg.model, field)}")
-    theirs = epath.Path(other.data.path) / "manifest.json"
-    if theirs.exists():
-        sha = json.loads(theirs.read_text())["tokenizer"]["sha256"]
-        if sha != manifest["tokenizer"]["sha256"]:
-            raise checkpoint.TopologyError(
-                f"train.init_from_run {source} was trained with another tokenizer than {cfg.data.path}: "
-                f"preprocess with --tokenizer {other.data.path}/tokenizer.json")
-    both = other.objective.name in BLOCK_DIFFUSION and cfg.objective.name in BLOCK_DIFFUSION
-    if both and other.objective.block_size != cfg.objective.block_size:
-        raise checkpoint.TopologyError(f"train.init_from_run {source} was trained with objective.block_size="
-                                       f"{other.objective.block_size}, this run has {cfg.objective.block_size}")
+            raise MismatchError(f"train.init_from_run {source} has model.{field}="
+                                f"{getattr(other.model, field)}, this run {getattr(cfg.model, field)}")
+    if data.tokenizer_sha(other.data.path) not in (None, manifest["tokenizer"]["sha256"]):
+        raise MismatchError(f"train.init_from_run {source} was trained with another tokenizer than {cfg.data.path}: "
+                            f"preprocess with --tokenizer {other.data.path}/tokenizer.json")
+    theirs, ours = (objectives.get(c.objective.name).block_size(c.objective) for c in (other, cfg))
+    if None not in (theirs, ours) and theirs != ours:  # decoding blocks are what the model learned
+        raise MismatchError(f"train.init_from_run {source} was trained with objective.block_size={theirs}, "
+                            f"this run has {ours}")
 
 
 class _Preemption:
@@ -220,38 +174,40 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None) 
 
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.parse_rules(cfg.mesh.rules)
     rows = sharding.batch_sharding(mesh, rules)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-    state, shardings = sharded_init(cfg, tx, mesh, rules)
+    tx, schedule = state_lib.make_optimizer(cfg.optim, cfg.train.steps)
+    state, shardings = state_lib.sharded_init(cfg, tx, mesh, rules)
     iterator = data.train_iterator(cfg, manifest, jax.process_index(), jax.process_count())
-    mngr = checkpoint.manager(cfg.run_dir, cfg.train)
-    checkpoint.check_data_state(cfg.run_dir, data.DATA_ORDER)
-    restored = checkpoint.restore_latest(mngr, state, iterator)  # onto this run's mesh, whatever saved it
+    mngr = checkpointing.manager(cfg.run_dir, cfg.train)
+    checkpointing.check_data_state(cfg.run_dir, data.DATA_ORDER)
+    restored = checkpointing.restore_latest(mngr, state, iterator)  # onto this run's mesh, whatever saved it
     if restored is not None:
         state = restored
     elif cfg.train.init_from_run:
-        state["params"] = checkpoint.params_of_run(cfg.train.init_from_run, state)
+        state["params"] = checkpointing.params_of_run(cfg.train.init_from_run, state)
     elif cfg.model.init_from:
         state["params"] = hf.load(cfg.model.init_from, cfg.model, state["params"], shardings["params"])
     start = int(state["step"])
-    train_step = make_train_step(model_graphdef(cfg), cfg, mask_id, tx, schedule, shardings, rows)
+    train_step = make_train_step(state_lib.model_graphdef(cfg), cfg, mask_id, tx, schedule, shardings, rows)
 
     metrics_log = observe.MetricsLog(cfg.run_dir, start) if lead else None
     wandb = observe.Wandb(cfg.run_dir, cfg.wandb.project, cfg.wandb.mode if lead else "disabled", to_dict(cfg))
     peak, peak_source = observe.device_peak_flops(cfg.model.compute_dtype)
     peak *= jax.device_count()
+    objective = objectives.get(cfg.objective.name)
+    # MFU counts each token once (comparable across objectives); `mfu_executed` credits what the step
+    # runs where that is more (two streams, a rollout).
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
-    if cfg.objective.name == "bd3lm":  # both streams are trained: two positions per token
-        flops_per_token = train_flops_per_token(cfg.model, 2 * cfg.data.seq_len) * 2
-    elif cfg.objective.name == "oput":  # two streams, each trained (6/weight) after a rollout forward (2/weight)
-        flops_per_token = train_flops_per_token(cfg.model, 2 * cfg.data.seq_len) * 2 * 8 / 6
+    executed_per_token = objective.flops_per_token(cfg.model, cfg.data.seq_len)
+    kernel = attention.resolve(cfg.model.attention, cfg.model.compute_dtype)
     preemption = _Preemption()
     if lead:
-        print(f"model {param_count(cfg.model) / 1e6:.2f}M params, {flops_per_token / 1e6:.1f} MFLOP/token; "
+        print(f"model {param_count(cfg.model) / 1e6:.2f}M params, {flops_per_token / 1e6:.1f} MFLOP/token "
+              f"({executed_per_token / 1e6:.1f} executed); attention {kernel}, remat {cfg.model.remat}; "
               f"{'resuming at step ' + str(start) if start else 'fresh run'}; "
               f"{data.epochs_for(manifest, cfg):.2f} epochs; mesh {dict(mesh.shape)} over "
               f"{jax.process_count()} process(es); MFU vs {peak / 1e9:.0f} GFLOP/s ({peak_source})")
 
-    save = functools.partial(checkpoint.save, mngr)
+    save = functools.partial(checkpointing.save, mngr)
     # In logs (no TTY) a redraw every few seconds instead of a carriage-return flood.
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True, disable=not lead,
                mininterval=0.1 if sys.stderr.isatty() else 15)
@@ -282,14 +238,10 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None) 
                 tokens_per_s = window_tokens / seconds
                 record = {"step": done, "loss": value, "lr": float(metrics["lr"]),
                           "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": round(tokens_per_s, 1),
-                          "mfu": tokens_per_s * flops_per_token / peak}
-                if cfg.objective.name in ("mdlm", "bd3lm"):
-                    record.update(nelbo=value, ppl_bound=float(np.exp(min(value, 50.0))))
-                elif cfg.objective.name == "ar":
-                    record.update(ppl=float(np.exp(min(value, 50.0))))
-                else:
-                    record.update({k: float(metrics[k]) for k in
-                                   ("loss_masked", "loss_on_policy", "replaced_fraction", "truncated_examples")})
+                          "mfu": tokens_per_s * flops_per_token / peak, "attention": kernel}
+                if executed_per_token != flops_per_token:
+                    record["mfu_executed"] = tokens_per_s * executed_per_token / peak
+                record.update(objective.log(value, metrics))
                 if lead:
                     metrics_log.write(record)
                     lock.beat()

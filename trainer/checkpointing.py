@@ -1,4 +1,5 @@
-"""orbax checkpoints: a Composite of the train state (params, optimizer, step, RNG) and Grain's iterator.
+"""Saving and resuming training: orbax checkpoints, a Composite of the train state (params,
+optimizer, step, RNG) and Grain's iterator, and read-only views of a run's committed steps.
 
 Only committed steps are listed by orbax (a step being written lives under a temporary
 name), so a restart always resumes from a complete state.
@@ -16,6 +17,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from trainer.config import TrainConfig
+from trainer.errors import MismatchError, RunError, TopologyError
 
 
 def manager(run_dir: str, cfg: TrainConfig) -> ocp.CheckpointManager:
@@ -38,16 +40,10 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any], iterator
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)), force=force)
 
 
-class TopologyError(Exception):
-    """Resuming with another number of data-loading processes: one line, exit code 2."""
-
-
 def check_data_state(run_dir: str, data_order: int) -> None:
     """Grain's iterator state is one per process and means something only under the data order that
     wrote it, so a run resumes only with the process count and data order it started with (devices
     per process and the mesh may change). The first start records both."""
-    import jax
-
     record = epath.Path(run_dir) / "checkpoints" / "processes.json"
     if record.exists():
         saved = json.loads(record.read_text())
@@ -79,7 +75,7 @@ def restore_latest(mngr: ocp.CheckpointManager, state: dict[str, Any], iterator)
             continue
         return restored["state"]
     if steps:
-        raise TopologyError(f"no checkpoint of {mngr.directory} is readable (steps {sorted(steps)} were damaged)")
+        raise RunError(f"no checkpoint of {mngr.directory} is readable (steps {sorted(steps)} were damaged)")
     return None
 
 
@@ -94,12 +90,12 @@ def params_of_run(run_dir: str, state: dict[str, Any]) -> dict[str, Any]:
     source = reader(run_dir)
     step = source.latest_step()
     if step is None:
-        raise TopologyError(f"train.init_from_run {run_dir} has no committed checkpoint")
+        raise RunError(f"train.init_from_run {run_dir} has no committed checkpoint")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
         restored = source.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     except (ValueError, KeyError) as e:
-        raise TopologyError(f"train.init_from_run {run_dir} step {step} does not fit this model: "
+        raise MismatchError(f"train.init_from_run {run_dir} step {step} does not fit this model: "
                             f"{str(e).splitlines()[0]}") from None
     return restored["state"]["params"]
 
@@ -109,6 +105,12 @@ def reader(run_dir: str) -> ocp.CheckpointManager:
     directory = run_dir if "://" in run_dir else os.path.abspath(run_dir)
     return ocp.CheckpointManager(epath.Path(directory) / "checkpoints",
                                  options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+
+
+def committed_steps(mngr: ocp.CheckpointManager) -> list[int]:
+    """Steps whose checkpoint is fully committed (orbax lists no temporary or unfinished step), as of now."""
+    mngr.reload()
+    return sorted(mngr.all_steps())
 
 
 def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_state: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""What every sampler shares: its output, the token choice, EOS handling, per-sequence cost
-accounting, one compiled program per model structure and settings, and timing.
+"""What every decoder shares: its output, the token choice, EOS handling, per-sequence cost
+accounting, and timing.
 
 Cost is counted per sequence, as if each were decoded alone (DMax evaluates with batch 1): a
 batch decodes in lockstep, but a sequence is charged only the forwards in which it still had
@@ -8,15 +8,12 @@ work, and forwards that only write the KV cache are charged too.
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from evals.config import SamplingConfig
 
@@ -59,21 +56,6 @@ def start_tokens(prompt_BP, total: int, mask_id: int):
     tokens = jnp.concatenate([prompt_BP, jnp.full((batch, total - prompt_len), mask_id, prompt_BP.dtype)], 1)
     zeros = jnp.zeros_like(tokens)
     return tokens, zeros, zeros
-
-
-_PROGRAMS: dict[tuple, Callable] = {}
-
-
-def program(build: Callable, graphdef, params, prompt_shape: tuple[int, int], cfg: SamplingConfig, mask_id: int,
-            eos_id: int) -> Callable:
-    """`build(graphdef, prompt shape, cfg, mask_id, eos_id)`, made once per model structure and
-    settings: jit caches per function object, so rebuilding per checkpoint recompiled every time.
-    The model config fixes the graphdef (which itself is unhashable)."""
-    structure = dataclasses.astuple(nnx.merge(graphdef, params).cfg)
-    key = (build.__module__, build.__name__, structure, prompt_shape, dataclasses.astuple(cfg), mask_id, eos_id)
-    if key not in _PROGRAMS:
-        _PROGRAMS[key] = build(graphdef, prompt_shape, cfg, mask_id, eos_id)
-    return _PROGRAMS[key]
 
 
 def timed(generate, params, prompt_BP: np.ndarray, key, cfg: SamplingConfig) -> Samples:

@@ -1,20 +1,16 @@
-"""Reading a trainer run: its config, committed checkpoint steps, and params on this process's devices."""
+"""Reading a run for evaluation: its config, the data evals read, and params of a committed step
+or of a `trainer.export` directory, on this process's first device."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from etils import epath
 
-from trainer import checkpoint, data, hf, train
 from trainer import config as config_lib
-
-
-class RunError(Exception):
-    """The run directory cannot be evaluated: one line, exit code 2."""
+from trainer import data, hf, state
+from trainer.errors import RunError
 
 
 def load_config(run_dir: str) -> config_lib.Config:
@@ -32,8 +28,7 @@ def eval_data(run_cfg: config_lib.Config, data_path: str) -> dict[str, Any]:
     path = data_path or run_cfg.data.path
     manifest = data.load_manifest(path)
     if data_path and data_path != run_cfg.data.path:
-        theirs = epath.Path(run_cfg.data.path) / "manifest.json"
-        if theirs.exists() and json.loads(theirs.read_text())["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
+        if data.tokenizer_sha(run_cfg.data.path) not in (None, manifest["tokenizer"]["sha256"]):
             raise RunError(f"data_path {data_path} was tokenized with another tokenizer than the run's data "
                            f"({run_cfg.data.path})")
         run_cfg.data.path = path
@@ -41,19 +36,6 @@ def eval_data(run_cfg: config_lib.Config, data_path: str) -> dict[str, Any]:
         raise RunError(f"the validation split of {path} holds no records: evals score and prompt from it "
                        f"(preprocess with a larger --validation_fraction, or set data_path)")
     return manifest
-
-
-def committed_steps(mngr: ocp.CheckpointManager) -> list[int]:
-    """Steps whose checkpoint is fully committed (orbax lists no temporary or unfinished step)."""
-    mngr.reload()
-    return sorted(mngr.all_steps())
-
-
-def restore_params(mngr: ocp.CheckpointManager, step: int, cfg: config_lib.Config) -> tuple[Any, dict]:
-    """(graphdef, params) of `step`, placed on this process's first device whatever mesh trained it."""
-    tx, _ = train.make_optimizer(cfg.optim, cfg.train.steps)
-    abstract = jax.eval_shape(lambda: train.init_state(cfg, tx))
-    return train.model_graphdef(cfg), checkpoint.restore_params(mngr, step, abstract)
 
 
 def exported_step(run_dir: str) -> int | None:
@@ -66,8 +48,7 @@ def exported_step(run_dir: str) -> int | None:
 
 def load_exported(run_dir: str, cfg: config_lib.Config) -> tuple[Any, dict]:
     """(graphdef, params) from an exported directory's safetensors, on this process's first device."""
-    tx, _ = train.make_optimizer(cfg.optim, cfg.train.steps)
-    abstract = jax.eval_shape(lambda: train.init_state(cfg, tx))["params"]
+    abstract = state.abstract_state(cfg)["params"]
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     params = hf.load(run_dir, cfg.model, abstract, jax.tree.map(lambda _: device, abstract))
-    return train.model_graphdef(cfg), params
+    return state.model_graphdef(cfg), params

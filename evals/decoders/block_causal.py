@@ -1,4 +1,4 @@
-"""Block-causal samplers, for models trained block-causally (BD3LM, DMax OPUT).
+"""Block-causal decoders, for models trained block-causally (BD3LM, DMax OPUT).
 
 Blocks of `block_length` tokens at absolute positions (the prompt starts at 0); a block sees
 itself and the blocks before it. Exactly `gen_length` positions are generated: positions past
@@ -19,20 +19,49 @@ Shapes: B batch, P prompt, T total (a multiple of the block), K block, V vocab, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from evals.config import SamplingConfig
-from evals.decoding import fill_after_eos, logits_and_choice, start_tokens
+from evals.decoders import registry
+from evals.decoders.common import fill_after_eos, logits_and_choice, start_tokens
+from trainer.attention import Dense
 from trainer.model import head_dim, kv_heads
 
 
+class Sequence(NamedTuple):
+    """A request's state between blocks."""
+    tokens: jax.Array  # [B, T] prompt, finished blocks and masks
+    decoded_at: jax.Array  # [B, T] the pass (1-based) that first decoded each position; 0 = prompt
+    revisions: jax.Array  # [B, T] times a decoded position took a new token afterwards
+    done: jax.Array  # [B] the sequence emitted EOS in a finished block
+    forwards: jax.Array  # [B] forwards each sequence needed (those in which it still had work)
+    passes: jax.Array  # passes the batch ran in lockstep
+
+
+class BlockPasses(NamedTuple):
+    """The carry of one block's passes."""
+    step: jax.Array  # passes run on this block
+    tokens: jax.Array  # [B, K] the block's tokens: masks, drafts and decoded tokens
+    masked: jax.Array  # [B, K] still masked
+    inputs: jax.Array  # [B, K, D] the next pass's input embeddings
+    stop: jax.Array  # [B] the block is finished for this sequence
+    x0: jax.Array  # [B, K] the last pass's prediction
+    decoded_at: jax.Array  # [B, K] as in Sequence
+    revisions: jax.Array  # [B, K] as in Sequence
+    forwards: jax.Array  # [B] as in Sequence
+    passes: jax.Array  # as in Sequence
+    aux: Any  # what the forward carries from pass to pass (the cached program's KV cache)
+
+
 class Pass(NamedTuple):
+    """What one pass of a rule decides."""
     tokens: jax.Array  # [B, K]
     masked: jax.Array  # [B, K]
     newly: jax.Array  # [B, K] decoded in this pass
@@ -121,48 +150,51 @@ def block_causal_mask(total: int, width: int, end: int, query_start, query_len: 
     return ((keys[None, :] // width <= q_block[:, None]) & (keys < end)[None, :])[None, None]
 
 
-def _decode_block(rule: Rule, forward, embedding_VD, tokens_BT, start, key, active_B, forwards_B, passes,
-                  prompt_len: int, end: int, cfg: SamplingConfig, mask_id: int, aux=None):
-    """All passes of one block. `forward(inputs_BKD, aux)` returns (the block's logits [B, K, V], aux):
-    `aux` is whatever the forward carries from pass to pass (the cached program's KV cache).
-
-    Returns ((block tokens, masked, last x0, decoded_at, revisions), forwards_B, passes, aux)."""
+def _decode_block(rule: Rule, forward, embedding_VD, seq: Sequence, start, key, prompt_len: int, end: int,
+                  cfg: SamplingConfig, mask_id: int, aux=None) -> BlockPasses:
+    """All passes of one block. `forward(inputs_BKD, aux)` returns (the block's logits [B, K, V], aux)."""
     width = cfg.block_length
-    block = jax.lax.dynamic_slice_in_dim(tokens_BT, start, width, 1)
+    block = jax.lax.dynamic_slice_in_dim(seq.tokens, start, width, 1)
     position = start + jnp.arange(width)
     in_a = ((position >= prompt_len) & (position < end))[None, :] & jnp.ones_like(block, bool)
-    masked = in_a & (block == mask_id)
     zeros = jnp.zeros_like(block)
-    carry0 = (jnp.int32(0), block, masked, embedding_VD[block], ~active_B, zeros, zeros, zeros, forwards_B, passes,
-              aux)
 
-    def cond(carry):
-        step, stop = carry[0], carry[4]
-        return (step < cfg.steps) & ~stop.all()
+    def body(b: BlockPasses) -> BlockPasses:
+        logits, aux = forward(b.inputs, b.aux)
+        result = rule.step(logits, jax.random.fold_in(key, b.step), b.tokens, b.masked, in_a, ~b.stop, cfg, mask_id)
+        return BlockPasses(
+            step=b.step + 1, tokens=result.tokens, masked=result.masked,
+            inputs=rule.inputs(embedding_VD, result, in_a, mask_id), stop=b.stop | result.stop, x0=result.x0,
+            decoded_at=jnp.where(result.newly, b.passes + 1, b.decoded_at),
+            revisions=b.revisions + result.revised.astype(b.revisions.dtype),
+            forwards=b.forwards + (~b.stop).astype(b.forwards.dtype),  # only sequences with work are charged
+            passes=b.passes + 1, aux=aux)
 
-    def body(carry):
-        step, tokens, masked, inputs, stop, _x0, decoded, revised, forwards, passes, aux = carry
-        logits, aux = forward(inputs, aux)
-        result = rule.step(logits, jax.random.fold_in(key, step), tokens, masked, in_a, ~stop, cfg, mask_id)
-        forwards = forwards + (~stop).astype(forwards.dtype)  # only sequences with work are charged
-        decoded = jnp.where(result.newly, passes + 1, decoded)
-        revised = revised + result.revised.astype(revised.dtype)
-        return (step + 1, result.tokens, result.masked, rule.inputs(embedding_VD, result, in_a, mask_id),
-                stop | result.stop, result.x0, decoded, revised, forwards, passes + 1, aux)
-
-    _, tokens, masked, _, _, x0, decoded, revised, forwards, passes, aux = jax.lax.while_loop(cond, body, carry0)
-    return (tokens, masked, x0, decoded, revised), forwards, passes, aux
+    first = BlockPasses(step=jnp.int32(0), tokens=block, masked=in_a & (block == mask_id), inputs=embedding_VD[block],
+                        stop=seq.done, x0=zeros, decoded_at=zeros, revisions=zeros, forwards=seq.forwards,
+                        passes=seq.passes, aux=aux)
+    return jax.lax.while_loop(lambda b: (b.step < cfg.steps) & ~b.stop.all(), body, first)
 
 
-def _finish_block(tokens_BT, decoded_at, revisions, state, start, width, prompt_len, eos_id):
+def _finish_block(seq: Sequence, b: BlockPasses, start, width: int, prompt_len: int, eos_id: int) -> Sequence:
     """Leftover masks take the last prediction; hard tokens go in; EOS fills the rest."""
-    block_tokens, masked, x0, block_decoded, block_revised = state
-    block_tokens = jnp.where(masked, x0, block_tokens)
-    tokens_BT = jax.lax.dynamic_update_slice_in_dim(tokens_BT, block_tokens, start, 1)
-    decoded_at = jax.lax.dynamic_update_slice_in_dim(decoded_at, block_decoded, start, 1)
-    revisions = jax.lax.dynamic_update_slice_in_dim(revisions, block_revised, start, 1)
-    tokens_BT, done = fill_after_eos(tokens_BT, prompt_len, eos_id, start + width)
-    return tokens_BT, decoded_at, revisions, done
+    put = lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part, start, 1)  # noqa: E731
+    tokens, done = fill_after_eos(put(seq.tokens, jnp.where(b.masked, b.x0, b.tokens)), prompt_len, eos_id,
+                                  start + width)
+    return Sequence(tokens=tokens, decoded_at=put(seq.decoded_at, b.decoded_at),
+                    revisions=put(seq.revisions, b.revisions), done=done, forwards=b.forwards, passes=b.passes)
+
+
+def _first_sequence(prompt_BP, total: int, mask_id: int) -> Sequence:
+    tokens, decoded_at, revisions = start_tokens(prompt_BP, total, mask_id)
+    batch = prompt_BP.shape[0]
+    return Sequence(tokens, decoded_at, revisions, jnp.zeros(batch, bool), jnp.zeros(batch, jnp.int32), jnp.int32(0))
+
+
+def _outputs(seq: Sequence, prompt_len: int, end: int, eos_id: int):
+    """(tokens, decoded_at, revisions, forwards_B, batch passes): what every program returns."""
+    tokens, _ = fill_after_eos(seq.tokens, prompt_len, eos_id, end)
+    return tokens, seq.decoded_at, seq.revisions, seq.forwards, seq.passes
 
 
 def uncached(rule: Rule) -> Callable:
@@ -178,39 +210,28 @@ def uncached(rule: Rule) -> Callable:
             model = nnx.merge(graphdef, params)
             embedding = model.embed.embedding[...]
             positions = jnp.broadcast_to(jnp.arange(total), (batch, total))
-            mask_all = block_causal_mask(total, width, end, 0, total)
-            tokens, decoded_at, revisions = start_tokens(prompt_BP, total, mask_id)
+            mask_all = Dense(block_causal_mask(total, width, end, 0, total))
 
-            def cond(carry):
-                block, done = carry[0], carry[4]
-                return (block < num_blocks) & ~done.all()
-
-            def body(carry):
-                block, tokens, decoded_at, revisions, done, forwards, passes = carry
+            def body(carry: tuple[jax.Array, Sequence]) -> tuple[jax.Array, Sequence]:
+                block, seq = carry
                 start = block * width
-                hard = embedding[tokens]
+                hard = embedding[seq.tokens]
 
                 def forward(block_inputs, aux):
                     inputs = jax.lax.dynamic_update_slice_in_dim(hard, block_inputs.astype(hard.dtype), start, 1)
                     logits, _ = model.forward(inputs, positions, mask_all)
                     return jax.lax.dynamic_slice_in_dim(logits, start, width, 1), aux
 
-                state, forwards, passes, _ = _decode_block(rule, forward, embedding, tokens, start,
-                                                           jax.random.fold_in(key, block), ~done, forwards, passes,
-                                                           prompt_len, end, cfg, mask_id)
-                tokens, decoded_at, revisions, done = _finish_block(
-                    tokens, decoded_at, revisions, state, start, width, prompt_len, eos_id)
-                return block + 1, tokens, decoded_at, revisions, done, forwards, passes
+                passes = _decode_block(rule, forward, embedding, seq, start, jax.random.fold_in(key, block),
+                                       prompt_len, end, cfg, mask_id)
+                return block + 1, _finish_block(seq, passes, start, width, prompt_len, eos_id)
 
-            carry = (jnp.int32(first_block), tokens, decoded_at, revisions, jnp.zeros(batch, bool),
-                     jnp.zeros(batch, jnp.int32), jnp.int32(0))
-            _, tokens, decoded_at, revisions, _, forwards, passes = jax.lax.while_loop(cond, body, carry)
-            tokens, _ = fill_after_eos(tokens, prompt_len, eos_id, end)
-            return tokens, decoded_at, revisions, forwards, passes
+            _, seq = jax.lax.while_loop(lambda c: (c[0] < num_blocks) & ~c[1].done.all(), body,
+                                        (jnp.int32(first_block), _first_sequence(prompt_BP, total, mask_id)))
+            return _outputs(seq, prompt_len, end, eos_id)
 
         return generate
 
-    build.__name__ = f"uncached_{rule.step.__name__}"
     return build
 
 
@@ -226,55 +247,48 @@ def cached(rule: Rule) -> Callable:
         width = cfg.block_length
 
         @functools.partial(jax.jit, static_argnames="uncached")
-        def decode_block(params, tokens, decoded_at, revisions, done, forwards, passes, block, caches, key, uncached):
+        def decode_block(params, seq: Sequence, block, caches, key, uncached):
             """One block; `uncached` hard tokens before it (static) are written to the cache by its first pass."""
             model = nnx.merge(graphdef, params)
             embedding = model.embed.embedding[...]
             start = block * width
-            prefix = embedding[jax.lax.dynamic_slice_in_dim(tokens, start - uncached, uncached, 1)]
+            prefix = embedding[jax.lax.dynamic_slice_in_dim(seq.tokens, start - uncached, uncached, 1)]
 
             def forward(block_inputs, caches):
                 inputs = jnp.concatenate([prefix, block_inputs.astype(prefix.dtype)], 1)
                 query_start = start - uncached
                 positions = jnp.broadcast_to(query_start + jnp.arange(inputs.shape[1]), inputs.shape[:2])
-                mask = block_causal_mask(total, width, end, query_start, inputs.shape[1])
+                mask = Dense(block_causal_mask(total, width, end, query_start, inputs.shape[1]))
                 logits, kvs = model.forward(inputs, positions, mask, [(k, v, query_start) for k, v in caches])
                 return logits[:, uncached:], kvs
 
             def later(block_inputs, caches):  # passes after the first: the block alone, cache as written
-                mask = block_causal_mask(total, width, end, start, width)
+                mask = Dense(block_causal_mask(total, width, end, start, width))
                 positions = jnp.broadcast_to(start + jnp.arange(width), block_inputs.shape[:2])
                 logits, kvs = model.forward(block_inputs, positions, mask, [(k, v, start) for k, v in caches])
                 return logits, caches
 
-            state, forwards, passes, caches = _decode_block(
-                rule, _first_then(forward, later), embedding, tokens, start, jax.random.fold_in(key, block), ~done,
-                forwards, passes, prompt_len, end, cfg, mask_id, aux=(jnp.bool_(True), caches))
-            tokens, decoded_at, revisions, done = _finish_block(
-                tokens, decoded_at, revisions, state, start, width, prompt_len, eos_id)
-            return tokens, decoded_at, revisions, done, forwards, passes, caches[1]
+            passes = _decode_block(rule, _first_then(forward, later), embedding, seq, start,
+                                   jax.random.fold_in(key, block), prompt_len, end, cfg, mask_id,
+                                   aux=(jnp.bool_(True), caches))
+            return _finish_block(seq, passes, start, width, prompt_len, eos_id), passes.aux[1]
 
         def generate(params, prompt_BP, key):
             model = nnx.merge(graphdef, params)
             shape = (batch, total, kv_heads(model.cfg), head_dim(model.cfg))
             dtype = jnp.dtype(model.cfg.compute_dtype)
             caches = [(jnp.zeros(shape, dtype),) * 2 for _ in range(model.cfg.layers)]
-            tokens, decoded_at, revisions = start_tokens(prompt_BP, total, mask_id)
-            done, forwards, passes = jnp.zeros(batch, bool), jnp.zeros(batch, jnp.int32), jnp.int32(0)
+            seq = _first_sequence(prompt_BP, total, mask_id)
             uncached = first_block * width  # the prompt's full blocks
             for block in range(first_block, num_blocks):
-                tokens, decoded_at, revisions, done, forwards, passes, caches = decode_block(
-                    params, tokens, decoded_at, revisions, done, forwards, passes, jnp.int32(block), caches, key,
-                    uncached=uncached)
-                if bool(done.all()):
+                seq, caches = decode_block(params, seq, jnp.int32(block), caches, key, uncached=uncached)
+                if bool(seq.done.all()):
                     break
                 uncached = width
-            tokens, _ = fill_after_eos(tokens, prompt_len, eos_id, end)
-            return tokens, decoded_at, revisions, forwards, passes
+            return _outputs(seq, prompt_len, end, eos_id)
 
         return generate
 
-    build.__name__ = f"cached_{rule.step.__name__}"
     return build
 
 
@@ -288,3 +302,14 @@ def _first_then(first, later):
         return logits, (jnp.bool_(False), caches)
 
     return forward
+
+
+registry.register(registry.Decoder(
+    "one_token", cached(THRESHOLD), attention=registry.BLOCK_CAUSAL, fits=(registry.BLOCK_CAUSAL,),
+    one_token=lambda cfg: True, settings=lambda cfg: dataclasses.replace(cfg, threshold=2.0)))  # unreachable: one per pass
+registry.register(registry.Decoder(
+    "threshold", cached(THRESHOLD), attention=registry.BLOCK_CAUSAL, fits=(registry.BLOCK_CAUSAL,)))
+registry.register(registry.Decoder(
+    "spd", uncached(SPD), attention=registry.BLOCK_CAUSAL, fits=(registry.BLOCK_CAUSAL,), cached_twin="spd_cached"))
+registry.register(registry.Decoder(
+    "spd_cached", cached(SPD), attention=registry.BLOCK_CAUSAL, fits=(registry.BLOCK_CAUSAL,)))

@@ -1,0 +1,141 @@
+"""The decoder registry: each entry says which attention it decodes with, which models it fits,
+whether another program gives the same tokens (its cached twin) and when it is the one-token
+quality reference. Which decoders fit a run, and whether a chosen one is mismatched, come from
+the entries and the run's objective entry (trainer/objectives), never from names.
+
+A block-diffusion model (trained block-causally) decodes block by block with block-causal
+attention; a bidirectional MDLM model with full attention. Decoding a model with another
+attention than it was trained with is allowed when asked for, and reported as mismatched.
+SPD revises its drafts only on models whose loss covers every position (the objective entry's
+`revises`, OPUT); a SUBS model (MDLM, BD3LM) carries a decoded token over, as trained.
+
+Adding a decoder: a program builder `build(graphdef, prompt_shape, cfg, mask_id, eos_id)` whose
+`generate(params, prompt_BP, key)` returns (tokens, decoded_at, revisions, forwards_B, batch
+passes), and one `register(Decoder(...))` line (see block_causal.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from evals import compiled
+from evals.config import SamplingConfig
+from evals.decoders import common
+from trainer import objectives
+from trainer.config import Config
+from trainer.errors import ConfigError
+from trainer.objectives.registry import BIDIRECTIONAL, BLOCK_CAUSAL  # noqa: F401  (the attentions decoders fit)
+
+FULL = "full"  # a decoder's attention: every position sees every other (BLOCK_CAUSAL: blocks see earlier ones)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    name: str
+    build: Callable  # the program builder (module docstring)
+    attention: str  # the attention it decodes with: BLOCK_CAUSAL | FULL
+    fits: tuple[str, ...]  # the training attentions (an objective entry's `attention`) of the models it fits
+    cached_twin: str | None = None  # a decoder that gives the same tokens with another program (spd -> spd_cached)
+    one_token: Callable[[SamplingConfig], bool] = lambda cfg: False  # commits one token per forward: the reference
+    settings: Callable[[SamplingConfig], SamplingConfig] = lambda cfg: cfg  # what it fixes in the settings
+
+
+_REGISTRY: dict[str, Decoder] = {}
+
+
+def register(decoder: Decoder) -> Decoder:
+    if decoder.name in _REGISTRY:
+        raise ValueError(f"decoder {decoder.name} is registered twice")
+    _REGISTRY[decoder.name] = decoder
+    return decoder
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def parse(spec: str) -> tuple[str, float | None]:
+    """A decoder spec: its name, or `name@threshold` for one of several threshold settings."""
+    name, _, threshold = spec.partition("@")
+    return name, float(threshold) if threshold else None
+
+
+def get(spec: str) -> Decoder:
+    return _REGISTRY[parse(spec)[0]]
+
+
+def fitting(objective_name: str) -> tuple[str, ...]:
+    """The decoders that fit a model trained with this objective, in registration order."""
+    attention = objectives.get(objective_name).attention
+    return tuple(name for name, d in _REGISTRY.items() if attention in d.fits)
+
+
+def is_matched(spec: str, objective_name: str) -> bool:
+    return objectives.get(objective_name).attention in get(spec).fits
+
+
+def is_one_token(spec: str, cfg: SamplingConfig) -> bool:
+    """Whether the decoder commits exactly one token per forward: the quality reference."""
+    return get(spec).one_token(cfg)
+
+
+def generate(spec: str, graphdef, params, prompt_BP: np.ndarray, cfg: SamplingConfig, mask_id: int, eos_id: int,
+             key: jax.Array) -> common.Samples:
+    """Decodes `gen_length` tokens after each prompt with the decoder `name` or `name@threshold`
+    (compiled once per model structure and settings)."""
+    name, threshold = parse(spec)
+    decoder = _REGISTRY[name]
+    if threshold is not None:
+        cfg = dataclasses.replace(cfg, threshold=threshold)
+    cfg = decoder.settings(cfg)
+    structure = dataclasses.astuple(nnx.merge(graphdef, params).cfg)
+    program = compiled.once(("decoder", name, structure, prompt_BP.shape, dataclasses.astuple(cfg), mask_id, eos_id),
+                            lambda: decoder.build(graphdef, prompt_BP.shape, cfg, mask_id, eos_id))
+    return common.timed(program, params, prompt_BP, key, cfg)
+
+
+def plan(specs: str, cfg: SamplingConfig, run_cfg: Config) -> tuple[list[str], SamplingConfig]:
+    """(decoder specs, settings with the block size and revision resolved) for a run; ConfigError on
+    a bad choice.
+
+    `specs` is comma-separated specs (`name` or `name@threshold`, e.g. `spd_cached@0.5`) or "auto"
+    (the decoders that fit the run's objective; none for an objective none fits, such as AR, which is
+    scored by its exact perplexity). The generation stays within the length the model was trained
+    on (data.seq_len)."""
+    objective = objectives.get(run_cfg.objective.name)
+    chosen = list(fitting(objective.name)) if specs == "auto" else [n.strip() for n in specs.split(",") if n.strip()]
+    if specs == "auto" and not chosen:
+        return [], cfg
+    unknown = [n for n in chosen if not _valid(n)]
+    if unknown or not chosen:
+        raise ConfigError(f"samplers {specs!r}: unknown {unknown or 'empty list'} (known: {', '.join(_REGISTRY)}, "
+                          f"each optionally @threshold, or auto)")
+    if not cfg.block_length:
+        cfg = dataclasses.replace(cfg, block_length=objective.block_size(run_cfg.objective) or 32)
+    if cfg.revise == "auto":  # only a model trained to predict every position (OPUT) revises its drafts
+        cfg = dataclasses.replace(cfg, revise="yes" if objective.revises else "no")
+    trained = run_cfg.data.seq_len
+    if cfg.prompt_tokens + cfg.gen_length > trained:
+        raise ConfigError(f"sampling.prompt_tokens + sampling.gen_length = {cfg.prompt_tokens + cfg.gen_length} "
+                          f"exceeds the {trained} positions the model was trained on (data.seq_len)")
+    if any(get(n).attention == FULL for n in chosen):
+        blocks = cfg.gen_length // cfg.block_length
+        if cfg.gen_length % cfg.block_length:
+            raise ConfigError(f"sampling.gen_length {cfg.gen_length} must be a multiple of sampling.block_length "
+                              f"{cfg.block_length} for the full-attention samplers")
+        if cfg.remask_steps % blocks:
+            raise ConfigError(f"sampling.remask_steps must be 0 or a multiple of the number of blocks ({blocks})")
+    return chosen, cfg
+
+
+def _valid(spec: str) -> bool:
+    try:
+        name, threshold = parse(spec)
+    except ValueError:
+        return False
+    return name in _REGISTRY and (threshold is None or threshold > 0)

@@ -1,0 +1,74 @@
+"""The objective registry: one entry per training objective, carrying everything the trainer,
+the loader, the evals and the decoders ask about it. Nothing outside an objective's own module
+compares objective names; they read its entry.
+
+Adding an objective: one module that builds an `Objective` and calls `register` (see mdlm.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from trainer.errors import ConfigError
+
+# The attention an objective trains with; decoders declare which of these they fit.
+BIDIRECTIONAL, CAUSAL, BLOCK_CAUSAL = "bidirectional", "causal", "block_causal"
+# The rows an objective reads from the loader (trainer/data.py builds them).
+PACKED, TRAJECTORY = "packed", "trajectory"
+
+
+@dataclasses.dataclass
+class Settings:
+    """Base of every objective's settings (`objective.*` config keys); subclasses add fields, one
+    comment each, and override `rules`."""
+
+    name: str = "mdlm"  # the registered objective (trainer/objectives)
+
+    def rules(self, cfg) -> list[tuple[bool, str, str]]:
+        """(condition that must hold, key, message) for the whole config `cfg`."""
+        return []
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    name: str
+    settings: type[Settings]  # its settings dataclass: the `objective.*` keys a config may set
+    attention: str  # BIDIRECTIONAL | CAUSAL | BLOCK_CAUSAL: how the model attends, in training and decoding
+    batch: str  # PACKED (text rows with segment ids) | TRAJECTORY (prompt/response rows)
+    # (model, batch, key, mask_id, settings) -> (summed loss, token count, summed diagnostics)
+    train_loss: Callable[..., tuple[Any, Any, dict]]
+    # (model, batch, key, mask_id, settings, t) -> (summed NLL, token count): at diffusion time t of the
+    # evals' fixed grid, or exact (t unused) when `exact`
+    eval_loss: Callable[..., tuple[Any, Any]]
+    # (model config, seq_len) -> training FLOPs per token the step executes (forward + backward, every
+    # stream and rollout); trainer/model.py's train_flops_per_token is the token-once count
+    flops_per_token: Callable[[Any, int], float]
+    exact: bool = False  # eval_loss is the exact NLL (AR), not a bound at grid times
+    revises: bool = False  # its loss covers every position, so decoders may revise decoded drafts (SPD)
+    block_size: Callable[[Settings], int | None] = lambda settings: None  # decoding blocks it was trained with
+    # Per-step figures from the summed diagnostics of train_loss (jax arrays in, jax arrays out).
+    report: Callable[[dict], dict] = lambda sums: {}
+    # metrics.jsonl fields of a logged step beyond loss/lr/...: (mean loss, reported figures) -> floats
+    log: Callable[[float, dict], dict] = lambda loss, reported: {}
+
+
+_REGISTRY: dict[str, Objective] = {}
+
+
+def register(objective: Objective) -> Objective:
+    if objective.name in _REGISTRY:
+        raise ValueError(f"objective {objective.name} is registered twice")
+    _REGISTRY[objective.name] = objective
+    return objective
+
+
+def get(name: str) -> Objective:
+    if name not in _REGISTRY:
+        raise ConfigError(f"objective.name {name!r} is not a registered objective (registered: {', '.join(_REGISTRY)})")
+    return _REGISTRY[name]
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
