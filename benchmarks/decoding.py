@@ -62,9 +62,7 @@ def make_runs(tmp: str, args) -> dict[str, str]:
     recipe = f"{tmp}/recipe"
     env = {**os.environ, "DATA": f"{tmp}/data", "RUN": recipe, "PYTHON": sys.executable, "EVALS": "0",
            "BASE_STEPS": str(args.steps), "JUDGE_STEPS": str(args.steps), "PROMPTS": str(args.prompts),
-           "OPUT_STEPS": str(args.oput_steps), "TRAIN_ARGS": "wandb.mode=disabled",
-           # Real stories run past the 128-token rows: keep their cut answers (the row cut drops their EOS).
-           "TRAJ_ARGS": "keep_unfinished=true" if args.corpus == "shared" else ""}
+           "OPUT_STEPS": str(args.oput_steps), "TRAIN_ARGS": "wandb.mode=disabled"}
     run("bash", "recipes/dmax.sh", env=env)
     runs = {"base": f"{recipe}/base", "judge": f"{recipe}/judge", "oput_seed0": f"{recipe}/oput"}
     for seed in range(1, args.seeds):

@@ -26,22 +26,17 @@ import json
 import pathlib
 import sys
 import tempfile
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from _common import emit
-from flax import nnx
+from _common import bare_forward_seconds, emit
 from synthetic import token_dataset
 from train_step import loader_rates, step_flops
 
 from evals import decoders
 from evals.config import SamplingConfig
-from evals.decoders.block_causal import block_causal_mask
 from trainer import attention, observe, state
 from trainer import config as config_lib
-from trainer.model import head_dim, kv_heads
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEED_CONFIG = ROOT / "configs" / "tinystories_seed.yaml"
@@ -78,31 +73,6 @@ def train_steps(tiny: bool, steps: int) -> dict:
             results[name] = result
     return {"peak_flops_per_s": round(peak), "peak_source": source, "remat": seed_config(tiny).model.remat,
             "configs": results}
-
-
-def bare_forward_seconds(graphdef, params, batch: int, total: int, width: int, repeats: int = 20) -> float:
-    """Seconds per jitted forward of one block of `width` tokens against a KV cache of `total`
-    positions: the model alone, with the decoder's shapes."""
-    model = nnx.merge(graphdef, params)
-    cfg = model.cfg
-    shape = (batch, total, kv_heads(cfg), head_dim(cfg))
-    caches = [(jnp.zeros(shape, cfg.compute_dtype),) * 2 for _ in range(cfg.layers)]
-    start_at = total - 2 * width
-
-    @jax.jit
-    def forward(params, x, caches):
-        positions = jnp.broadcast_to(start_at + jnp.arange(width), (batch, width))
-        mask = attention.Dense(block_causal_mask(total, width, total, start_at, width))
-        logits, _ = nnx.merge(graphdef, params).forward(x, positions, mask, [(k, v, start_at) for k, v in caches])
-        return logits
-
-    x = jnp.zeros((batch, width, cfg.hidden), cfg.compute_dtype)
-    jax.block_until_ready(forward(params, x, caches))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        out = forward(params, x, caches)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / repeats
 
 
 def decoding(tiny: bool) -> dict:

@@ -21,7 +21,7 @@ class SamplingConfig:
     prompt_tokens: int = 16  # leading tokens of each validation document used as the prompt
     gen_length: int = 64  # tokens generated after the prompt (prompt + generation <= the run's data.seq_len)
     block_length: int = 0  # decoding block size (0 = the run's objective.block_size for block diffusion, else 32)
-    steps: int = 32  # SPD and threshold: passes per block at most
+    steps: int = 0  # SPD: passes per block at most (0 = block_length, DMax's cap); threshold decoders run until done
     threshold: float = 0.9  # SPD and threshold: decode masked positions whose confidence is at least this
     confidence_stop: float = 0.9  # SPD: a block ends once every position is this confident
     top_k: int = 1  # SPD: tokens mixed into a decoded position's soft embedding
@@ -56,7 +56,7 @@ class EvalConfig:
             (s.prompt_tokens >= 1, "sampling.prompt_tokens", "must be at least 1"),
             (s.block_length >= 0, "sampling.block_length", "must be >= 0 (0 = the run's block size)"),
             (s.gen_length >= 1, "sampling.gen_length", "must be at least 1"),
-            (s.steps >= 1, "sampling.steps", "must be at least 1"),
+            (s.steps >= 0, "sampling.steps", "must be >= 0 (0 = the block length)"),
             (s.top_k >= 1, "sampling.top_k", "must be at least 1"),
             (s.revise in ("yes", "no", "auto"), "sampling.revise", "must be yes, no or auto"),
             (s.temperature >= 0, "sampling.temperature", "must be >= 0"),

@@ -50,7 +50,9 @@ class TrajectoriesConfig:
     batch_size: int = 64  # prompts per decoding call (one compiled program per prompt length)
     rows_per_part: int = 512  # prompts per output part: the unit that is written whole and resumed
     format: str = "jsonl"  # jsonl | parquet
-    keep_unfinished: bool = False  # keep answers that reach gen_length without an EOS
+    # Keep answers that reach gen_length without an EOS (dropping them biases OPUT's data toward short
+    # answers; with gen_length filling the trained length their EOS falls past the training row).
+    keep_unfinished: bool = True
     sampling: SamplingConfig = dataclasses.field(default_factory=lambda: SamplingConfig(gen_length=0))
 
     def validate(self) -> None:
@@ -117,21 +119,22 @@ def _write_rows(path: epath.Path, rows: list[dict], fmt: str) -> None:
     ledger.write_whole(path, buffer.getvalue())
 
 
-def decode_part(part: list[Prompt], generate, batch_size: int, eos_id: int, gen_length: int,
+def decode_part(part: list[Prompt], generate, key: jax.Array, batch_size: int, eos_id: int, gen_length: int,
                 tokenizer: Tokenizer, keep_unfinished: bool) -> tuple[list[dict], dict[str, int]]:
     """Rows of one part (its prompts grouped by length, each group in fixed-size batches, the last
-    padded by repeating its final prompt) and the counts of dropped answers."""
+    padded by repeating its final prompt) and the counts of dropped answers. `generate(batch, key)`
+    decodes a batch once; batch i of the part draws its noise from fold_in(key, i)."""
     answers: dict[int, np.ndarray] = {}
     by_length: dict[int, list[Prompt]] = {}
     for prompt in part:
         by_length.setdefault(len(prompt.tokens), []).append(prompt)
-    for length, group in sorted(by_length.items()):
-        for start in range(0, len(group), batch_size):
-            chunk = group[start:start + batch_size]
-            batch = np.stack([p.tokens for p in chunk] + [chunk[-1].tokens] * (batch_size - len(chunk)))
-            out = generate(batch)
-            for p, row in zip(chunk, out.tokens):
-                answers[p.index] = row[length:]
+    chunks = [(length, group[start:start + batch_size]) for length, group in sorted(by_length.items())
+              for start in range(0, len(group), batch_size)]
+    for index, (length, chunk) in enumerate(chunks):
+        batch = np.stack([p.tokens for p in chunk] + [chunk[-1].tokens] * (batch_size - len(chunk)))
+        out = generate(batch, jax.random.fold_in(key, index))
+        for p, row in zip(chunk, out.tokens):
+            answers[p.index] = row[length:]
     rows, dropped = [], {"unfinished": 0, "empty": 0}
     for prompt in part:
         generated = answers[prompt.index]
@@ -191,16 +194,16 @@ def generate_trajectories(run_dir: str, output: str, cfg: TrajectoriesConfig) ->
 
     graphdef, params, _ = state.load_params(run_dir, step, run_cfg)
     key = jax.random.key(sampling_cfg.seed)
-    generate = lambda batch: decoders.generate(names[0], graphdef, params, batch, sampling_cfg,  # noqa: E731
-                                               ids["mask"], ids["eos"], key)
+    generate = lambda batch, batch_key: decoders.generate(  # noqa: E731  (decoded once, not timed)
+        names[0], graphdef, params, batch, sampling_cfg, ids["mask"], ids["eos"], batch_key, timed=False)
     parts = [found[i:i + cfg.rows_per_part] for i in range(0, len(found), cfg.rows_per_part)]
     files, rows_total, dropped_total = [], 0, {"unfinished": 0, "empty": 0}
     for index, part in enumerate(tqdm(parts, desc="trajectories", unit="part", dynamic_ncols=True)):
         name = f"part-{index:05d}-of-{len(parts):05d}-{tag}.{cfg.format}"
         counts = out / f".{name}.counts.json"
         if not (out / name).exists() or not counts.exists():
-            rows, dropped = decode_part(part, generate, cfg.batch_size, ids["eos"], sampling_cfg.gen_length,
-                                        tokenizer, cfg.keep_unfinished)
+            rows, dropped = decode_part(part, generate, jax.random.fold_in(key, index), cfg.batch_size, ids["eos"],
+                                        sampling_cfg.gen_length, tokenizer, cfg.keep_unfinished)
             ledger.write_whole(counts, json.dumps({"rows": len(rows), "dropped": dropped}))
             _write_rows(out / name, rows, cfg.format)
         recorded = json.loads(counts.read_text())
@@ -209,7 +212,7 @@ def generate_trajectories(run_dir: str, output: str, cfg: TrajectoriesConfig) ->
         dropped_total = {k: dropped_total[k] + recorded["dropped"][k] for k in dropped_total}
     if not rows_total:
         raise ConfigError(f"every answer was dropped ({dropped_total}): no answer ended with an EOS within "
-                          f"{sampling_cfg.gen_length} tokens; train the model longer or set keep_unfinished=true")
+                          f"{sampling_cfg.gen_length} tokens; train the model longer or keep_unfinished=true")
     result = {"model": {"run_dir": str(run_dir), "step": step, "objective": run_cfg.objective.name,
                         "model": dataclasses.asdict(run_cfg.model)},
               "sampler": names[0], "settings": settings, "settings_hash": tag, "files": files,

@@ -44,7 +44,7 @@ def test_readme_first_command_end_to_end(tmp_path):
     env = {**os.environ, "RUN": str(run), "STORIES": "400", "BASE_STEPS": "40", "JUDGE_STEPS": "20", "PROMPTS": "24",
            "OPUT_STEPS": "10", "TRAJ_VALIDATION": "0", "PYTHON": sys.executable,
            "TRAIN_ARGS": SMALL_MODEL + " optim.warmup_steps=5",
-           "TRAJ_ARGS": "keep_unfinished=true sampling.gen_length=24 batch_size=8 rows_per_part=16",
+           "TRAJ_ARGS": "sampling.gen_length=24 batch_size=8 rows_per_part=16",
            "EVAL_ARGS": SMALL_EVAL, "WANDB_MODE": "offline"}
     result = subprocess.run(["bash", str(ROOT / "quickstart.sh")], env=env, capture_output=True, text=True,
                             timeout=1500)

@@ -49,7 +49,7 @@ SETTINGS = [
 
 
 def run_program(build, model, cfg, eos=EOS, prompt=PROMPT, key=1):
-    return common.timed(build(model[0], prompt.shape, cfg, MASK, eos), model[1], prompt, jax.random.key(key), cfg)
+    return common.run(build(model[0], prompt.shape, cfg, MASK, eos), model[1], prompt, jax.random.key(key), cfg)
 
 
 @pytest.mark.parametrize("rule,settings,eos", [(block_causal.SPD, s, (EOS, -1)[i % 2]) for i, s in enumerate(SETTINGS)]
@@ -88,6 +88,52 @@ def test_one_token_commits_exactly_one_token_per_decoding_forward(random_model):
     assert (out.forwards == 24).all() and out.batch_forwards == 24  # cache writes ride along with passes
     fast = decoders.generate("threshold", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
     assert (fast.forwards < out.forwards).all()  # a low threshold commits several tokens per pass
+
+
+def test_one_token_takes_one_pass_per_position_of_a_block_wider_than_the_old_pass_cap(random_model):
+    """Blocks of 64 (59 + 64 generated positions): one pass per position, never a final pass that
+    commits the rest at once (the threshold decoders run until their block is decoded)."""
+    cfg = SamplingConfig(gen_length=123, block_length=64)
+    out = decoders.generate("one_token", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    assert (out.forwards == 123).all() and out.batch_forwards == 123
+    for row in out.decoded_at:
+        assert sorted(row[5:].tolist()) == list(range(1, 124))
+
+
+def test_spd_passes_are_capped_at_the_block_width_by_default(random_model):
+    cfg = SamplingConfig(gen_length=59, block_length=64, threshold=1.5, revise="yes", confidence_stop=2.0)
+    out = decoders.generate("spd", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    assert 59 <= out.batch_forwards <= 64  # 59 masks decoded one per pass, then revisions up to the cap
+    capped = decoders.generate("spd", *random_model, PROMPT, dataclasses.replace(cfg, steps=10), MASK, -1,
+                               jax.random.key(0))
+    assert capped.batch_forwards == 10 and not (capped.tokens == MASK).any()  # leftovers from the last pass
+
+
+def test_soft_inputs_only_where_the_model_revises():
+    """A SUBS model (revise: no) sees each decoded position as its committed token's embedding; a model
+    that revises (OPUT) sees the soft top-k mix there. Masked positions are the mask embedding."""
+    embedding = jax.random.normal(jax.random.key(0), (12, 4))
+    tokens = jnp.array([[3, 5, 11, 11]])
+    result = block_causal.Pass(tokens=tokens, masked=jnp.array([[False, False, True, True]]),
+                               newly=None, revised=None, stop=None, x0=tokens,
+                               topk_p=jnp.array([[[0.6, 0.3]] * 4]), topk_ids=jnp.array([[[5, 3]] * 4]))
+    in_a = jnp.ones((1, 4), bool)
+    hard = block_causal.soft_inputs(embedding, result, in_a, SamplingConfig(revise="no"), 11)
+    np.testing.assert_array_equal(hard, embedding[tokens])
+    soft = block_causal.soft_inputs(embedding, result, in_a, SamplingConfig(revise="yes"), 11)
+    np.testing.assert_array_equal(soft[:, 2:], embedding[tokens][:, 2:])
+    assert not np.allclose(soft[:, :2], embedding[tokens][:, :2])
+
+
+@pytest.mark.parametrize("name", ["spd", "spd_cached"])
+def test_spd_revises_drafts_only_when_told(random_model, name):
+    cfg = SamplingConfig(gen_length=32, block_length=8, threshold=0.05, confidence_stop=2.0)
+    revising = decoders.generate(name, *random_model, PROMPT, dataclasses.replace(cfg, revise="yes"), MASK, -1,
+                                 jax.random.key(0))
+    assert revising.revisions.sum() > 0
+    fixed = decoders.generate(name, *random_model, PROMPT, dataclasses.replace(cfg, revise="no"), MASK, -1,
+                              jax.random.key(0))
+    assert fixed.revisions.sum() == 0
 
 
 def test_a_sequence_is_charged_only_the_passes_it_needed(random_model):
@@ -201,21 +247,47 @@ def test_perplexity_bound_is_deterministic_and_equals_a_direct_computation(train
             break
         tokens, segments = batch["tokens"], batch["tokens_segment_ids"]
         real = segments != 0
+        scored = real & (batch["tokens_positions"] != 0)  # each piece's first token is context
         seen += int(real.sum())
         for k, t in enumerate(grid):
             _, mask_key = jax.random.split(jax.random.fold_in(jax.random.key(5), index * 3 + k))
             masked = np.asarray(jax.random.uniform(mask_key, tokens.shape)) < (1 - eps) * t
-            masked &= real
+            masked &= scored
             logits = np.array(model(jnp.where(masked, mask_id, tokens), segments, batch["tokens_positions"]))
             logits[..., mask_id] = -np.inf
             logp = logits - logits.max(-1, keepdims=True)
             logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
             nll = -np.take_along_axis(logp, tokens[..., None], -1)[..., 0]
             total += float((nll * masked).sum() / t)
-            count += int(real.sum())
+            count += int(scored.sum())
     assert first["ppl_tokens"] == seen
     np.testing.assert_allclose(first["nats_per_token"], total / count, rtol=1e-4)
     np.testing.assert_allclose(first["ppl_bound"], np.exp(total / count), rtol=1e-4)
+
+
+def test_ar_exact_perplexity_is_the_sum_of_next_token_losses(tiny_dataset, tmp_path):
+    run_cfg = config_lib.load(None, [f"data.path={tiny_dataset}", f"run_dir={tmp_path}", *TINY_MODEL,
+                                     "objective.name=ar"])
+    manifest = data.load_manifest(run_cfg.data.path)
+    run_cfg.model.vocab_size = manifest["tokenizer"]["vocab_size"]
+    params = state.init_state(run_cfg, state.make_optimizer(run_cfg.optim, 1)[0])["params"]  # untrained: any params
+    graphdef = state.model_graphdef(run_cfg)
+    result = perplexity.evaluate(graphdef, params, run_cfg, manifest, PerplexityConfig(max_tokens=0, batch_size=4))
+    model = nnx.merge(graphdef, params)
+    total, count = 0.0, 0
+    for batch in data.packed_dataset(run_cfg, manifest, "validation", 4, shuffle=False, repeat=False):
+        tokens, segments = batch["tokens"], batch["tokens_segment_ids"]
+        logits = np.array(model(tokens, segments, batch["tokens_positions"], causal=True), np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        for row in range(len(tokens)):
+            for i in range(1, tokens.shape[1]):  # each token predicted from its own document's earlier ones
+                if segments[row, i] != 0 and segments[row, i] == segments[row, i - 1]:
+                    total -= logp[row, i - 1, tokens[row, i]]
+                    count += 1
+    assert result["ppl_tokens"] == manifest["splits"]["validation"]["num_tokens"] and count > 1000
+    np.testing.assert_allclose(result["nats_per_token"], total / count, rtol=1e-5)
+    np.testing.assert_allclose(result["ar_ppl"], np.exp(total / count), rtol=1e-5)
 
 
 def test_once_fills_the_ledger_idempotently_and_writes_the_report(trained_run, capsys):

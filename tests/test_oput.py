@@ -62,6 +62,40 @@ class FixedLogits:
         return logits[:, :logits_for], None
 
 
+class RecordingLogits(FixedLogits):
+    """FixedLogits that keeps the token inputs of every forward (rollout first, then training)."""
+
+    def __init__(self, table):
+        super().__init__(table)
+        self.inputs = []
+
+    def embed(self, tokens):
+        self.inputs.append(tokens)
+        return super().embed(tokens)
+
+
+def test_the_training_forward_reads_the_rollouts_drafts():
+    """On-policy examples: every masked position of the training forward's noisy stream holds the
+    rollout's greedy draft (not the mask); off-policy ones keep their masks; clean streams are clean."""
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(3, 11, (4, 16)).astype(np.int32)
+    batch = _batch(tokens, [2, 2, 2, 2], np.ones((4, 16), bool))
+    table = jnp.asarray(rng.normal(size=(4, 16, 12)), jnp.float32)
+    drafts = np.asarray(jnp.argmax(table, axis=-1))
+    for ratio, expect_drafts in ((1.0, True), (0.0, False)):
+        model = RecordingLogits(table)
+        settings = OPUTSettings(block_size=4, on_policy_ratio=ratio, noise_range_low=0.6, noise_range_high=0.6)
+        _, _, sums = oput.train_loss(model, batch, jax.random.key(5), 11, settings)
+        rollout, training = (np.asarray(x) for x in model.inputs)
+        masked = rollout[:, :16] == 11
+        assert masked.sum() > 0 and (training[:, 16:] == tokens).all()
+        if expect_drafts:
+            assert (training[:, :16][masked] == drafts[masked]).all() and int(sums["replaced"]) == masked.sum()
+        else:
+            assert (training[:, :16][masked] == 11).all() and int(sums["replaced"]) == 0
+        assert (training[:, :16][~masked] == tokens[~masked]).all()
+
+
 def _batch(tokens, prompt_len, loss_mask):
     return {"tokens": jnp.asarray(tokens), "prompt_len": jnp.asarray(prompt_len),
             "loss_mask": jnp.asarray(loss_mask), "truncated": jnp.zeros(len(tokens), jnp.int32)}

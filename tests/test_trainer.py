@@ -23,7 +23,8 @@ from trainer import __main__ as cli
 from trainer import config as config_lib
 from trainer import data, hf, packing, state, train
 from trainer.config import Config, ModelConfig
-from trainer.objectives import ar, mdlm
+from trainer.objectives import ar, bd3lm, mdlm
+from trainer.objectives.bd3lm import BD3LMSettings
 from trainer.objectives.mdlm import MDLMSettings
 from trainer.attention import Dense, segment_mask
 from trainer.model import Transformer, param_count
@@ -287,28 +288,47 @@ def _log_softmax_np(x):
 
 
 def test_mdlm_loss_matches_a_direct_computation():
-    """At t = 1 under the linear schedule every real token is masked with weight 1/t = 1."""
+    """At t = 1 under the linear schedule every scored token (real, not a piece's first) is masked
+    with weight 1/t = 1; each piece's first token stays as context."""
     vocab, mask_id = 11, 10
     rng = np.random.default_rng(0)
     table = rng.normal(size=(2, 7, vocab)).astype(np.float32)
     tokens = rng.integers(0, 10, size=(2, 7))
     segments = np.array([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+    positions = np.array([[0, 1, 2, 0, 1, 0, 0], [0, 1, 2, 3, 4, 5, 6]])
     seen = {}
 
     def model(noisy, segments, positions, causal):
         seen["noisy"] = noisy
         return jnp.asarray(table)
 
-    batch = {"tokens": jnp.asarray(tokens), "tokens_segment_ids": jnp.asarray(segments), "tokens_positions": None}
+    batch = {"tokens": jnp.asarray(tokens), "tokens_segment_ids": jnp.asarray(segments),
+             "tokens_positions": jnp.asarray(positions)}
     total, count = mdlm.nelbo(model, batch, jax.random.key(0), mask_id, MDLMSettings(noise_schedule="linear"),
                               t_B=jnp.ones(2))
     logp = _log_softmax_np(np.where(np.arange(vocab) == mask_id, -np.inf, table))
     nll = -np.take_along_axis(logp, tokens[..., None], -1)[..., 0]
-    real = segments != 0
-    assert int(count) == real.sum()
-    np.testing.assert_allclose(float(total), nll[real].sum(), rtol=1e-6)
-    assert (np.asarray(seen["noisy"])[real] == mask_id).all()
-    assert (np.asarray(seen["noisy"])[~real] == tokens[~real]).all()  # padding is never masked
+    scored = (segments != 0) & (positions != 0)
+    assert int(count) == scored.sum() == 9
+    np.testing.assert_allclose(float(total), nll[scored].sum(), rtol=1e-6)
+    assert (np.asarray(seen["noisy"])[scored] == mask_id).all()
+    assert (np.asarray(seen["noisy"])[~scored] == tokens[~scored]).all()  # padding and first tokens: never masked
+
+
+def test_diffusion_bounds_and_ar_score_the_same_tokens_of_a_packed_batch():
+    """On packed rows (a long document split into pieces, padding), MDLM, BD3LM and AR count the same
+    tokens: every real token but each piece's first, which the diffusion losses never mask."""
+    cfg = ModelConfig(vocab_size=30, hidden=32, layers=1, heads=2, mlp_hidden=64, max_seq_len=16)
+    model = Transformer(cfg, nnx.Rngs(0))
+    segments = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]])
+    positions = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2, 0, 0], list(range(10))])
+    tokens = jax.random.randint(jax.random.key(0), segments.shape, 3, 29)
+    batch = {"tokens": tokens, "tokens_segment_ids": segments, "tokens_positions": positions}
+    _, ar_count = ar.next_token_nll(model, batch)
+    _, mdlm_count = mdlm.nelbo(model, batch, jax.random.key(1), 29, MDLMSettings(), t_B=jnp.ones(2))
+    _, bd3lm_count = bd3lm.nelbo(model, batch, jax.random.key(1), 29, BD3LMSettings(block_size=4),
+                                 t_BL=jnp.ones(segments.shape))
+    assert int(ar_count) == int(mdlm_count) == int(bd3lm_count) == 6 + 9
 
 
 @pytest.mark.parametrize("schedule", ["loglinear", "linear", "cosine"])
@@ -318,7 +338,7 @@ def test_mdlm_nelbo_of_a_uniform_model_is_log_vocab(schedule):
     tokens = jax.random.randint(jax.random.key(1), (512, 32), 0, 63)
     segments = jnp.ones_like(tokens)
     uniform = lambda noisy, segments, positions, causal: jnp.zeros((*noisy.shape, vocab))  # noqa: E731
-    batch = {"tokens": tokens, "tokens_segment_ids": segments, "tokens_positions": None}
+    batch = {"tokens": tokens, "tokens_segment_ids": segments, "tokens_positions": jnp.tile(jnp.arange(32), (512, 1))}
     total, count = mdlm.nelbo(uniform, batch, jax.random.key(2), mask_id, MDLMSettings(noise_schedule=schedule))
     assert abs(float(total / count) / np.log(vocab - 1) - 1) < 0.03
 

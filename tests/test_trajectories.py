@@ -15,8 +15,7 @@ from trainer import config as config_lib
 from trainer import data, train
 from trainer.errors import MismatchError
 
-SMALL = ["num_prompts=10", "prompt_tokens=6", "batch_size=4", "rows_per_part=4", "sampling.gen_length=24",
-         "keep_unfinished=true"]
+SMALL = ["num_prompts=10", "prompt_tokens=6", "batch_size=4", "rows_per_part=4", "sampling.gen_length=24"]
 
 
 def make(run_dir, output, *overrides):
@@ -44,6 +43,35 @@ def test_trajectories_are_deterministic_and_described(straight, bd3lm_run, tmp_p
     assert sidecar["sampler"] == "threshold" and sidecar["settings"]["sampling"]["gen_length"] == 24
     row = rows_of(output)[0]
     assert set(row) == {"question", "answer"} and row["question"] and row["answer"]
+
+
+def test_each_batch_is_decoded_once_with_its_own_noise(bd3lm_run, tmp_path, monkeypatch):
+    """10 identical prompts sampled at temperature 1 in batches of 4 (parts of 4): every batch is
+    decoded exactly once, and no two batches draw the same noise (their samples differ)."""
+    from evals import decoders
+
+    real, calls = decoders.generate, []
+
+    def counted(*args, **kwargs):
+        calls.append(args[3].shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoders, "generate", counted)
+    one_prompt = [trajectories.Prompt(i, prompt.tokens, prompt.question) for i, prompt in
+                  enumerate([trajectories.prompts(str(config_lib.load_run(bd3lm_run).data.path), "train",
+                                                  TrajectoriesConfig(prompt_tokens=6, num_prompts=1),
+                                                  _tokenizer(bd3lm_run))[0]] * 10)]
+    monkeypatch.setattr(trajectories, "prompts", lambda *args: one_prompt)
+    make(bd3lm_run, tmp_path / "noisy", "sampling.temperature=1.0")
+    assert calls == [4, 4, 4]  # parts of 4, 4 and 2 prompts: one batch each, one decode each
+    answers = [r["answer"] for r in rows_of(tmp_path / "noisy")]
+    assert len(answers) == 10 and len({answers[0], answers[4], answers[8]}) == 3  # first row of each batch
+
+
+def _tokenizer(run_dir):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(config_lib.load_run(run_dir).data.path) + "/tokenizer.json")
 
 
 def test_a_killed_job_resumes_without_losing_or_duplicating_rows(straight, bd3lm_run, tmp_path, monkeypatch):

@@ -241,7 +241,7 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None) 
                           "mfu": tokens_per_s * flops_per_token / peak, "attention": kernel}
                 if executed_per_token != flops_per_token:
                     record["mfu_executed"] = tokens_per_s * executed_per_token / peak
-                record.update(objective.log(value, metrics))
+                record.update(objective.log(value, metrics, cfg.objective))
                 if lead:
                     metrics_log.write(record)
                     lock.beat()

@@ -20,7 +20,6 @@ Shapes: B batch, P prompt, T total (a multiple of the block), K block, V vocab, 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -73,9 +72,12 @@ class Pass(NamedTuple):
 
 
 class Rule(NamedTuple):
-    """How a block is decoded: one pass from logits, and the next pass's input embeddings."""
+    """How a block is decoded: one pass from logits, the next pass's input embeddings, and the most
+    passes a block may take (a rule that decodes at least one masked position per pass is done
+    within the block's width)."""
     step: Callable[..., Pass]  # (logits_BKV, key, tokens_BK, masked_BK, in_a_BK, active_B, cfg, mask_id)
-    inputs: Callable[..., jax.Array]  # (embedding_VD, pass, in_a_BK, mask_id) -> inputs_BKD
+    inputs: Callable[..., jax.Array]  # (embedding_VD, pass, in_a_BK, cfg, mask_id) -> inputs_BKD
+    max_passes: Callable[[SamplingConfig], int]
 
 
 def spd_pass(logits_BKV, key, tokens_BK, masked_BK, in_a_BK, active_B, cfg: SamplingConfig, mask_id: int) -> Pass:
@@ -103,10 +105,14 @@ def spd_pass(logits_BKV, key, tokens_BK, masked_BK, in_a_BK, active_B, cfg: Samp
     return Pass(tokens, masked, newly, revised, stop, x0, topk_p, topk_ids)
 
 
-def soft_inputs(embedding_VD, result: Pass, in_a_BK, mask_id: int):
-    """Decoded positions of the block: the top-k mix of embeddings plus the leftover probability
-    times the mask embedding, rescaled to the mix's expected norm; others: their hard embedding."""
+def soft_inputs(embedding_VD, result: Pass, in_a_BK, cfg: SamplingConfig, mask_id: int):
+    """With revision, decoded positions of the block: the top-k mix of embeddings plus the leftover
+    probability times the mask embedding, rescaled to the mix's expected norm; others: their hard
+    embedding. Without revision (a SUBS model, trained only to fill masks) every decoded position is
+    its committed token's hard embedding: what the model saw of unmasked tokens in training."""
     hard = embedding_VD[result.tokens]
+    if cfg.revise == "no":
+        return hard
     mask_vec = embedding_VD[mask_id]
     leftover = jnp.maximum(0.0, 1.0 - result.topk_p.sum(-1))
     vectors = embedding_VD[result.topk_ids]  # [B, K, k, D]
@@ -128,12 +134,12 @@ def threshold_pass(logits_BKV, key, tokens_BK, masked_BK, in_a_BK, active_B, cfg
                 ~masked.any(1) | ~active_B, x0, None, None)
 
 
-def hard_inputs(embedding_VD, result: Pass, in_a_BK, mask_id: int):
+def hard_inputs(embedding_VD, result: Pass, in_a_BK, cfg: SamplingConfig, mask_id: int):
     return embedding_VD[result.tokens]
 
 
-SPD = Rule(spd_pass, soft_inputs)
-THRESHOLD = Rule(threshold_pass, hard_inputs)
+SPD = Rule(spd_pass, soft_inputs, lambda cfg: cfg.steps or cfg.block_length)  # DMax caps SPD at the block width
+THRESHOLD = Rule(threshold_pass, hard_inputs, lambda cfg: cfg.block_length)  # until the block is decoded
 
 
 def layout(prompt_len: int, cfg: SamplingConfig) -> tuple[int, int, int, int]:
@@ -164,7 +170,7 @@ def _decode_block(rule: Rule, forward, embedding_VD, seq: Sequence, start, key, 
         result = rule.step(logits, jax.random.fold_in(key, b.step), b.tokens, b.masked, in_a, ~b.stop, cfg, mask_id)
         return BlockPasses(
             step=b.step + 1, tokens=result.tokens, masked=result.masked,
-            inputs=rule.inputs(embedding_VD, result, in_a, mask_id), stop=b.stop | result.stop, x0=result.x0,
+            inputs=rule.inputs(embedding_VD, result, in_a, cfg, mask_id), stop=b.stop | result.stop, x0=result.x0,
             decoded_at=jnp.where(result.newly, b.passes + 1, b.decoded_at),
             revisions=b.revisions + result.revised.astype(b.revisions.dtype),
             forwards=b.forwards + (~b.stop).astype(b.forwards.dtype),  # only sequences with work are charged
@@ -173,7 +179,7 @@ def _decode_block(rule: Rule, forward, embedding_VD, seq: Sequence, start, key, 
     first = BlockPasses(step=jnp.int32(0), tokens=block, masked=in_a & (block == mask_id), inputs=embedding_VD[block],
                         stop=seq.done, x0=zeros, decoded_at=zeros, revisions=zeros, forwards=seq.forwards,
                         passes=seq.passes, aux=aux)
-    return jax.lax.while_loop(lambda b: (b.step < cfg.steps) & ~b.stop.all(), body, first)
+    return jax.lax.while_loop(lambda b: (b.step < rule.max_passes(cfg)) & ~b.stop.all(), body, first)
 
 
 def _finish_block(seq: Sequence, b: BlockPasses, start, width: int, prompt_len: int, eos_id: int) -> Sequence:
@@ -239,17 +245,17 @@ def cached(rule: Rule) -> Callable:
     """A program builder with a fixed-size KV cache: passes run on the active block alone, against
     the cached blocks before it. The cache holds K/V of hard tokens only: the hard tokens not yet
     cached (the prompt's full blocks, then each finished block) ride along with the next block's
-    first pass, which writes them (DMax's way), so no forward only writes the cache."""
+    first pass, which writes them (DMax's way), so no forward only writes the cache. One compiled
+    program per request: the first block (its prefix is the prompt's full blocks) and then a
+    `lax.while_loop` over the others (each with the previous block as its prefix), all on device."""
 
     def build(graphdef, prompt_shape: tuple[int, int], cfg: SamplingConfig, mask_id: int, eos_id: int):
         batch, prompt_len = prompt_shape
         end, total, first_block, num_blocks = layout(prompt_len, cfg)
         width = cfg.block_length
 
-        @functools.partial(jax.jit, static_argnames="uncached")
-        def decode_block(params, seq: Sequence, block, caches, key, uncached):
-            """One block; `uncached` hard tokens before it (static) are written to the cache by its first pass."""
-            model = nnx.merge(graphdef, params)
+        def decode_block(model, seq: Sequence, block, caches, key, uncached: int):
+            """One block; `uncached` hard tokens before it are written to the cache by its first pass."""
             embedding = model.embed.embedding[...]
             start = block * width
             prefix = embedding[jax.lax.dynamic_slice_in_dim(seq.tokens, start - uncached, uncached, 1)]
@@ -273,18 +279,21 @@ def cached(rule: Rule) -> Callable:
                                    aux=(jnp.bool_(True), caches))
             return _finish_block(seq, passes, start, width, prompt_len, eos_id), passes.aux[1]
 
+        @jax.jit
         def generate(params, prompt_BP, key):
             model = nnx.merge(graphdef, params)
             shape = (batch, total, kv_heads(model.cfg), head_dim(model.cfg))
             dtype = jnp.dtype(model.cfg.compute_dtype)
             caches = [(jnp.zeros(shape, dtype),) * 2 for _ in range(model.cfg.layers)]
-            seq = _first_sequence(prompt_BP, total, mask_id)
-            uncached = first_block * width  # the prompt's full blocks
-            for block in range(first_block, num_blocks):
-                seq, caches = decode_block(params, seq, jnp.int32(block), caches, key, uncached=uncached)
-                if bool(seq.done.all()):
-                    break
-                uncached = width
+            seq, caches = decode_block(model, _first_sequence(prompt_BP, total, mask_id), jnp.int32(first_block),
+                                       caches, key, uncached=first_block * width)  # the prompt's full blocks
+
+            def body(carry):
+                block, seq, caches = carry
+                return (block + 1, *decode_block(model, seq, block, caches, key, uncached=width))
+
+            _, seq, _ = jax.lax.while_loop(lambda c: (c[0] < num_blocks) & ~c[1].done.all(), body,
+                                           (jnp.int32(first_block + 1), seq, caches))
             return _outputs(seq, prompt_len, end, eos_id)
 
         return generate

@@ -58,12 +58,14 @@ def start_tokens(prompt_BP, total: int, mask_id: int):
     return tokens, zeros, zeros
 
 
-def timed(generate, params, prompt_BP: np.ndarray, key, cfg: SamplingConfig) -> Samples:
-    """Runs once to compile (first use of the program) or warm up, then times a second run.
+def run(generate, params, prompt_BP: np.ndarray, key, cfg: SamplingConfig, warm_up: bool = True) -> Samples:
+    """Runs the program; with `warm_up` it runs once to compile (first use) or warm up and times a
+    second run, else the one run's seconds include any compilation (jobs that only want tokens).
 
     `generate(params, prompt, key)` returns (tokens, decoded_at, revisions, forwards_B, batch_forwards)."""
     prompt = jnp.asarray(prompt_BP)
-    jax.block_until_ready(generate(params, prompt, key))
+    if warm_up:
+        jax.block_until_ready(generate(params, prompt, key))
     start = time.perf_counter()
     tokens, decoded_at, revisions, forwards, batch_forwards = jax.block_until_ready(generate(params, prompt, key))
     seconds = time.perf_counter() - start

@@ -85,9 +85,10 @@ def is_one_token(spec: str, cfg: SamplingConfig) -> bool:
 
 
 def generate(spec: str, graphdef, params, prompt_BP: np.ndarray, cfg: SamplingConfig, mask_id: int, eos_id: int,
-             key: jax.Array) -> common.Samples:
+             key: jax.Array, timed: bool = True) -> common.Samples:
     """Decodes `gen_length` tokens after each prompt with the decoder `name` or `name@threshold`
-    (compiled once per model structure and settings)."""
+    (compiled once per model structure and settings). `timed`: run twice and time the second run
+    (evals); else decode once (jobs that only want the tokens)."""
     name, threshold = parse(spec)
     decoder = _REGISTRY[name]
     if threshold is not None:
@@ -96,7 +97,7 @@ def generate(spec: str, graphdef, params, prompt_BP: np.ndarray, cfg: SamplingCo
     structure = dataclasses.astuple(nnx.merge(graphdef, params).cfg)
     program = compiled.once(("decoder", name, structure, prompt_BP.shape, dataclasses.astuple(cfg), mask_id, eos_id),
                             lambda: decoder.build(graphdef, prompt_BP.shape, cfg, mask_id, eos_id))
-    return common.timed(program, params, prompt_BP, key, cfg)
+    return common.run(program, params, prompt_BP, key, cfg, warm_up=timed)
 
 
 def plan(specs: str, cfg: SamplingConfig, run_cfg: Config) -> tuple[list[str], SamplingConfig]:

@@ -39,4 +39,4 @@ def eval_loss(model, batch, key, mask_id, s, t):
 AR = registry.register(registry.Objective(
     name="ar", settings=ARSettings, attention=registry.CAUSAL, batch=registry.PACKED,
     train_loss=train_loss, eval_loss=eval_loss, flops_per_token=train_flops_per_token, exact=True,
-    log=lambda loss, reported: {"ppl": float(np.exp(min(loss, 50.0)))}))
+    log=lambda loss, reported, s: {"ppl": float(np.exp(min(loss, 50.0)))}))

@@ -60,17 +60,18 @@ def block_times(key: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Arr
 
 def nelbo(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, s: BD3LMSettings,
           t_BL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(weighted NLL of the masked positions summed, count of real tokens): the BD3LM NELBO."""
+    """(weighted NLL of the masked positions summed, count of scored tokens): the BD3LM NELBO. Each
+    piece's first token is context (masking.scored), like MDLM's."""
     tokens_BL, segments_BL, positions_BL = batch["tokens"], batch["tokens_segment_ids"], batch["tokens_positions"]
     time_key, mask_key = jax.random.split(key)
     if t_BL is None:
         t_BL = block_times(time_key, positions_BL, segments_BL, s)
     alpha_BL, weight_BL = masking.alpha_and_weight(t_BL, s.noise_schedule, s.eps)
-    real_BL = segments_BL != 0
-    noisy_BL, masked_BL = masking.mask_tokens(mask_key, tokens_BL, 1 - alpha_BL, real_BL, mask_id)
+    scored_BL = masking.scored(segments_BL, positions_BL)
+    noisy_BL, masked_BL = masking.mask_tokens(mask_key, tokens_BL, 1 - alpha_BL, scored_BL, mask_id)
     logits_BLV = two_stream.noisy_stream_logits(model, noisy_BL, tokens_BL, positions_BL, segments_BL, s.block_size)
     nll_BL = masking.subs_nll(logits_BLV, tokens_BL, mask_id)
-    return jnp.where(masked_BL, nll_BL * weight_BL, 0.0).sum(), real_BL.sum()
+    return jnp.where(masked_BL, nll_BL * weight_BL, 0.0).sum(), scored_BL.sum()
 
 
 def train_loss(model, batch, key, mask_id, s):
@@ -84,6 +85,14 @@ def eval_loss(model, batch, key, mask_id, s, t):
     return nelbo(model, batch, key, mask_id, s, t_BL=jnp.full(batch["tokens"].shape, t))
 
 
+def logged_fields(loss: float, reported: dict, s: BD3LMSettings) -> dict:
+    """The NELBO fields, unless the training times are clipped: that loss is no bound, and is
+    logged as what it is (evals report the unclipped bound)."""
+    if (s.noise_range_low, s.noise_range_high) != (0.0, 1.0):
+        return {"clipped_nelbo": loss}
+    return nelbo_fields(loss, reported, s)
+
+
 def two_stream_flops(model_cfg, seq_len: int) -> float:
     """Both streams are trained: two positions of a 2L-long forward per token."""
     return train_flops_per_token(model_cfg, 2 * seq_len) * 2
@@ -92,4 +101,4 @@ def two_stream_flops(model_cfg, seq_len: int) -> float:
 BD3LM = registry.register(registry.Objective(
     name="bd3lm", settings=BD3LMSettings, attention=registry.BLOCK_CAUSAL, batch=registry.PACKED,
     train_loss=train_loss, eval_loss=eval_loss, flops_per_token=two_stream_flops,
-    block_size=lambda s: s.block_size, log=nelbo_fields))
+    block_size=lambda s: s.block_size, log=logged_fields))

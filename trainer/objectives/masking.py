@@ -33,6 +33,14 @@ def sample_times(key: jax.Array, batch: int, antithetic: bool, eps: float) -> ja
     return eps + (1 - eps) * u_B
 
 
+def scored(segment_ids_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
+    """The tokens a likelihood scores: every real token but the first of each packed piece (its
+    document's BOS, or the start of a long document's later piece). That first token is context,
+    never masked, as in bd3lms (`ignore_bos`), so a diffusion bound and AR's exact perplexity (which
+    has no prediction for it) score the same tokens."""
+    return (segment_ids_BL != 0) & (positions_BL != 0)
+
+
 def mask_tokens(key: jax.Array, tokens_BL: jax.Array, rate_BL: jax.Array, maskable_BL: jax.Array,
                 mask_id: int) -> tuple[jax.Array, jax.Array]:
     """(noisy tokens, masked): each maskable token becomes the mask token with its probability `rate`."""

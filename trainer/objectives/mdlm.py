@@ -31,17 +31,17 @@ class MDLMSettings(registry.Settings):
 
 def nelbo(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, s: MDLMSettings,
           t_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(weighted NLL of the masked positions summed, count of real tokens). Padding (segment 0) is
-    never masked and never counted."""
+    """(weighted NLL of the masked positions summed, count of scored tokens: masking.scored).
+    Padding (segment 0) and each piece's first token are never masked and never counted."""
     tokens_BL, segments_BL = batch["tokens"], batch["tokens_segment_ids"]
     time_key, mask_key = jax.random.split(key)
     if t_B is None:
         t_B = masking.sample_times(time_key, tokens_BL.shape[0], s.antithetic, s.eps)
     alpha_B, weight_B = masking.alpha_and_weight(t_B, s.noise_schedule, s.eps)
-    real_BL = segments_BL != 0
-    noisy_BL, masked_BL = masking.mask_tokens(mask_key, tokens_BL, (1 - alpha_B)[:, None], real_BL, mask_id)
+    scored_BL = masking.scored(segments_BL, batch["tokens_positions"])
+    noisy_BL, masked_BL = masking.mask_tokens(mask_key, tokens_BL, (1 - alpha_B)[:, None], scored_BL, mask_id)
     nll_BL = masking.subs_nll(model(noisy_BL, segments_BL, batch["tokens_positions"], False), tokens_BL, mask_id)
-    return jnp.where(masked_BL, nll_BL * weight_B[:, None], 0.0).sum(), real_BL.sum()
+    return jnp.where(masked_BL, nll_BL * weight_B[:, None], 0.0).sum(), scored_BL.sum()
 
 
 def train_loss(model, batch, key, mask_id, s):
@@ -53,7 +53,7 @@ def eval_loss(model, batch, key, mask_id, s, t):
     return nelbo(model, batch, key, mask_id, s, t_B=jnp.full((batch["tokens"].shape[0],), t))
 
 
-def nelbo_fields(loss: float, reported: dict) -> dict:
+def nelbo_fields(loss: float, reported: dict, s: MDLMSettings) -> dict:
     """metrics.jsonl fields of a NELBO objective: the bound on the training batch."""
     return {"nelbo": loss, "ppl_bound": float(np.exp(min(loss, 50.0)))}
 

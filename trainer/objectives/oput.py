@@ -96,5 +96,5 @@ OPUT = registry.register(registry.Objective(
     name="oput", settings=OPUTSettings, attention=registry.BLOCK_CAUSAL, batch=registry.TRAJECTORY,
     train_loss=train_loss, eval_loss=bd3lm.eval_loss, flops_per_token=rollout_flops, revises=True,
     block_size=lambda s: s.block_size, report=report,
-    log=lambda loss, reported: {k: float(reported[k]) for k in
+    log=lambda loss, reported, s: {k: float(reported[k]) for k in
                                 ("loss_masked", "loss_on_policy", "replaced_fraction", "truncated_examples")}))

@@ -50,8 +50,8 @@ class Objective:
     block_size: Callable[[Settings], int | None] = lambda settings: None  # decoding blocks it was trained with
     # Per-step figures from the summed diagnostics of train_loss (jax arrays in, jax arrays out).
     report: Callable[[dict], dict] = lambda sums: {}
-    # metrics.jsonl fields of a logged step beyond loss/lr/...: (mean loss, reported figures) -> floats
-    log: Callable[[float, dict], dict] = lambda loss, reported: {}
+    # metrics.jsonl fields of a logged step beyond loss/lr/...: (mean loss, reported figures, settings) -> floats
+    log: Callable[[float, dict, Settings], dict] = lambda loss, reported, settings: {}
 
 
 _REGISTRY: dict[str, Objective] = {}
