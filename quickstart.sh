@@ -6,6 +6,7 @@
 # PROMPTS, OPUT_STEPS, TRAIN_ARGS, TRAJ_ARGS and EVAL_ARGS (the end-to-end test shrinks the run).
 set -euo pipefail
 cd "$(dirname "$0")"
+STARTED=$SECONDS
 PY=${PYTHON:-.venv/bin/python}
 RUN=${RUN:-runs/quickstart}
 STORIES=${STORIES:-5000}
@@ -22,3 +23,4 @@ echo "== 3/3 DMax's recipe (recipes/dmax.sh)"
 DATA="$RUN/data" RUN="$RUN" PYTHON="$PY" bash recipes/dmax.sh
 echo "metrics: $RUN/base/metrics.jsonl $RUN/oput/metrics.jsonl   ledgers: $RUN/{base,oput}/evals/ledger.jsonl"
 echo "open $RUN/oput/evals/report.html (and $RUN/base/evals/report.html)"
+echo "quickstart finished in $(( (SECONDS - STARTED + 30) / 60 )) minutes"

@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import sys
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -35,7 +37,7 @@ from train_step import loader_rates, step_flops
 
 from evals import decoders
 from evals.config import SamplingConfig
-from trainer import attention, observe, state
+from trainer import attention, observe, sharding, state
 from trainer import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -51,9 +53,22 @@ def seed_config(tiny: bool, *overrides: str) -> config_lib.Config:
                                               *overrides])
 
 
+def measured(cfg: config_lib.Config, steps: int, peak: float) -> dict:
+    """One setting's step figures with MFU over `peak`, or its error (a setting this chip rejects,
+    such as one out of memory, is a result, not a crash)."""
+    try:
+        result = step_flops(cfg, steps)
+    except Exception as e:  # noqa: BLE001
+        return {"error": str(e).splitlines()[0][:300]}
+    result["mfu"] = round(result.pop("model_flops_per_s") / peak, 4)
+    result["mfu_executed"] = round(result.pop("executed_flops_per_s") / peak, 4)
+    result["attention"] = attention.resolve(cfg.model.attention, cfg.model.compute_dtype)
+    return result
+
+
 def train_steps(tiny: bool, steps: int) -> dict:
     """Per objective and shape: step time, tokens/s, MFU (token-once and executed), compile seconds,
-    memory. A setting that fails is recorded with its error; the others still run."""
+    memory; and MDLM under the lighter `dots` remat policy at the config's own shape."""
     peak, source = observe.device_peak_flops("bfloat16")
     shapes = {64: 4} if tiny else {512: 256, 2048: 64}  # seq_len: global batch
     results = {}
@@ -61,18 +76,27 @@ def train_steps(tiny: bool, steps: int) -> dict:
         for seq, batch in shapes.items():
             cfg = seed_config(tiny, f"objective.name={objective}", *settings, f"model.max_seq_len={seq}",
                               f"data.seq_len={seq}", f"train.global_batch={batch}")
-            name = f"{objective}_{batch}x{seq}"
-            try:
-                result = step_flops(cfg, steps)
-            except Exception as e:  # noqa: BLE001 - a setting this chip rejects (memory) is a result
-                results[name] = {"error": str(e).splitlines()[0][:300]}
-                continue
-            result["mfu"] = round(result.pop("model_flops_per_s") / peak, 4)
-            result["mfu_executed"] = round(result.pop("executed_flops_per_s") / peak, 4)
-            result["attention"] = attention.resolve(cfg.model.attention, cfg.model.compute_dtype)
-            results[name] = result
+            results[f"{objective}_{batch}x{seq}"] = measured(cfg, steps, peak)
+    seq, batch = min(shapes.items())
+    cfg = seed_config(tiny, "model.remat=dots", f"model.max_seq_len={seq}", f"data.seq_len={seq}",
+                      f"train.global_batch={batch}")
+    results[f"mdlm_{batch}x{seq}_remat_dots"] = measured(cfg, steps, peak)
     return {"peak_flops_per_s": round(peak), "peak_source": source, "remat": seed_config(tiny).model.remat,
             "configs": results}
+
+
+def init_compile(tiny: bool) -> dict:
+    """Seconds to lower and compile the seed config's sharded initialiser in each layer layout."""
+    seconds = {}
+    for scan in (True, False):
+        cfg = seed_config(tiny, f"model.scan_layers={str(scan).lower()}")
+        tx, _ = state.make_optimizer(cfg.optim, 1)
+        mesh, rules = sharding.make_mesh(cfg.mesh), sharding.parse_rules(cfg.mesh.rules)
+        shardings = sharding.state_shardings(jax.eval_shape(lambda: state.init_state(cfg, tx)), mesh, rules)
+        start = time.perf_counter()
+        jax.jit(lambda: state.init_state(cfg, tx), out_shardings=shardings).lower().compile()
+        seconds["scanned" if scan else "unrolled"] = round(time.perf_counter() - start, 2)
+    return seconds
 
 
 def decoding(tiny: bool) -> dict:
@@ -116,8 +140,10 @@ def main() -> None:
         "chip": device.device_kind,
         "platform": device.platform,
         "devices": jax.device_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "tiny": args.tiny,
         "train_step": train_steps(args.tiny, args.steps),
+        "init_compile_seconds": init_compile(args.tiny),
         "decoding": decoding(args.tiny),
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,5 +161,8 @@ def main() -> None:
 if __name__ == "__main__":
     from absl import flags
 
+    from trainer import xla_flags
+
+    xla_flags.apply()  # the trainer's GPU flags, as `python -m trainer` runs with them
     flags.FLAGS(sys.argv[:1])  # Grain's worker processes read absl flags
     main()

@@ -93,8 +93,7 @@ def decode_all(sampler: str, model, groups, cfg: SamplingConfig, ids, reference,
     for prompt_len, (prompt, answers) in groups.items():
         out = decoders.generate(sampler, *model, prompt, cfg, ids["mask"], ids["eos"], jax.random.key(0))
         lengths = generated_lengths(out, prompt_len, ids["eos"])
-        ppl = quality.generative_perplexity(*reference, out.tokens, prompt_len, lengths)
-        nll += math.log(ppl) * lengths.sum()
+        nll += float(quality.generated_nll(*reference, out.tokens, prompt_len, lengths).sum())
         tokens += int(lengths.sum())
         charged += int(out.forwards.sum())
         for row, answer in zip(out.tokens, answers):

@@ -110,8 +110,22 @@ def decoding(r: dict) -> list[Row]:
                          f"base one-token gen-ppl {reference:.2f}",
                          f"{_median(names[best]['gen_ppl']) / reference:.2f}"))
     for name, goal in r["goals"].items():
-        rows.append((f"decoding ({corpus}) goal: {goal['goal']}", f"{goal['tokens_per_forward']}",
-                     f"best: {goal.get('best_row', goal.get('best_rows'))}", "met" if goal["met"] else "not met"))
+        if not isinstance(goal, dict):
+            continue
+        per_seed = goal.get("tokens_per_forward_per_seed", goal.get("ratio_per_seed"))
+        rows.append((f"decoding ({corpus}) goal: {goal['goal']}", f"median {goal['median']:.2f}, per seed "
+                     + ", ".join(f"{v:.2f}" for v in per_seed), f"best: {goal.get('best_rows', '')}",
+                     "met" if goal["met"] else "not met"))
+    overhead = r.get("decoder_overhead")
+    if overhead:
+        rows.append((f"decoding ({corpus}): cached decoder time per forward vs a bare forward (worst of batch 1 / "
+                     f"{[k for k in overhead if k.startswith('batch_')][-1][6:]}, one_token and spd_cached)",
+                     f"{overhead['worst_vs_bare']}x", "goal <= 1.25x", "met" if overhead["met"] else "not met"))
+    for name, row in r.get("ablation", {}).items():
+        rows.append((f"OPUT ablation ({corpus}): {name}", f"bound {row['ppl_bound']:.2f}, threshold "
+                     f"{row['threshold_tokens_per_forward_within_1.2x']:.2f} / SPD "
+                     f"{row['spd_cached_tokens_per_forward_within_1.2x']:.2f} tokens/forward within 1.2x",
+                     "one-token gen-ppl vs the base's", f"{row['one_token_vs_base']}"))
     return rows
 
 

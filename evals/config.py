@@ -17,7 +17,7 @@ class PerplexityConfig:
 
 @dataclasses.dataclass
 class SamplingConfig:
-    num_samples: int = 4  # prompts, taken from the validation split
+    num_samples: int = 32  # prompts, taken from the validation split (their spread gives the 90% intervals)
     prompt_tokens: int = 16  # leading tokens of each validation document used as the prompt
     gen_length: int = 64  # tokens generated after the prompt (prompt + generation <= the run's data.seq_len)
     block_length: int = 0  # decoding block size (0 = the run's objective.block_size for block diffusion, else 32)
@@ -43,6 +43,9 @@ class EvalConfig:
     # ("" = the run's data.path); an OPUT run on self-generated trajectories is scored on real text.
     data_path: str = ""
     gen_ppl_run_dir: str = ""  # an AR run on the same data whose latest checkpoint scores samples
+    # A run evaluated with the same prompts and judge whose latest one-token gen-ppl is the quality
+    # reference (a fine-tune's base model); "" = this run's own one-token decoder.
+    reference_run_dir: str = ""
     poll_seconds: float = 10.0  # --watch: how often to look for new checkpoints
     wandb_mode: str = "offline"  # offline | online | disabled (WANDB_MODE overrides)
 

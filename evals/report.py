@@ -5,13 +5,16 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from evals.summary import sampler_rows
+
 _STYLE = """
-body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
-table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+body{font-family:system-ui,sans-serif;max-width:1250px;margin:2em auto;color:#222}
+table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
 th{background:#f4f4f4}.sample{white-space:pre-wrap;background:#fafafa;border-left:3px solid #888;padding:6px}
 .tok{display:inline-block;margin:1px;padding:1px 3px;border-radius:3px;font-family:monospace;white-space:pre}
 .mismatched{color:#b00;font-weight:bold}
 """
+SHOWN = 4  # samples shown per decoder
 _COLOURS = ["#36c", "#d62", "#393", "#939", "#c93", "#099", "#666"]
 
 
@@ -19,14 +22,15 @@ def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [lo + (hi - lo) * i / (count - 1) for i in range(count)]
 
 
-def plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str, lines: bool = True) -> str:
+def plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str, lines: bool = True,
+         level: tuple[str, float] | None = None) -> str:
     """An SVG chart of named (x, y) series with labelled axes, tick values and a legend; each
-    point's values are in its tooltip."""
+    point's values are in its tooltip. `level`: a labelled horizontal line at a reference value."""
     points = [p for values in series.values() for p in values]
     if not points:
         return "<p>Nothing to plot yet.</p>"
     width, height, left, right, top, bottom = 680, 300, 70, 150, 20, 50
-    xs, ys = [x for x, _ in points], [y for _, y in points]
+    xs, ys = [x for x, _ in points], [y for _, y in points] + ([level[1]] if level else [])
     x_lo, x_hi, y_lo, y_hi = min(xs), max(xs), min(ys), max(ys)
     x_span, y_span = (x_hi - x_lo) or 1.0, (y_hi - y_lo) or 1.0
     sx = lambda x: left + (x - x_lo) / x_span * (width - left - right)  # noqa: E731
@@ -42,6 +46,11 @@ def plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: st
                  f'{html.escape(x_label)}</text>')
     parts.append(f'<text x="14" y="{(top + height - bottom) / 2}" text-anchor="middle" '
                  f'transform="rotate(-90 14 {(top + height - bottom) / 2})">{html.escape(y_label)}</text>')
+    if level:
+        y = sy(level[1])
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#888" '
+                     f'stroke-dasharray="5,4"/><text x="{width - right - 4}" y="{y - 4:.1f}" text-anchor="end" '
+                     f'font-size="11">{html.escape(level[0])} {level[1]:.4g}</text>')
     for i, (name, values) in enumerate(series.items()):
         colour = _COLOURS[i % len(_COLOURS)]
         xy = [(sx(x), sy(y)) for x, y in values]
@@ -57,24 +66,34 @@ def plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: st
             f'aria-label="{html.escape(y_label)} vs {html.escape(x_label)}">{"".join(parts)}</svg>')
 
 
-_COLUMNS = ["tokens_per_forward", "forwards_per_sequence", "tokens_per_s", "mean_length", "gen_ppl",
-            "gen_ppl_vs_reference", "distinct_2", "agreement_with_spd_cached"]
+_COLUMNS = {"tokens per forward": "tokens_per_forward", "gen-ppl": "gen_ppl", "x reference": "gen_ppl_vs_reference",
+            "distinct-2": "distinct_2", "mean length": "mean_length", "tokens/s": "tokens_per_s"}
 
 
-def _sampler_table(samplers: dict[str, dict[str, Any]], reference: str | None) -> str:
-    head = "".join(f"<th>{c}</th>" for c in ["sampler", "attention", *_COLUMNS])
-    rows = []
-    for name, m in samplers.items():
-        label = html.escape(name) + (" (quality reference)" if name == reference else "")
+def _sampler_table(rows: list[dict[str, Any]], reference: dict[str, Any] | None, run_dir: str) -> str:
+    head = "".join(f"<th>{c}</th>" for c in ["decoder", *_COLUMNS])
+    cells = []
+    for m in rows:
+        label = html.escape(m["label"])
+        if reference and reference.get("run_dir") == run_dir and m["name"] == reference.get("sampler"):
+            label += " (reference)"
         if m.get("matched") is False:
-            label += ' <span class="mismatched">mismatched</span>'
-        rows.append(f"<tr><th>{label}</th><td>{html.escape(str(m.get('attention', '-')))}</td>"
-                    + "".join(f"<td>{_fmt(m.get(c))}</td>" for c in _COLUMNS) + "</tr>")
+            label += f' <span class="mismatched">mismatched ({html.escape(str(m.get("attention")))})</span>'
+        cells.append(f"<tr><th>{label}</th>" + "".join(f"<td>{_fmt(m.get(key))}{_band(m, key)}</td>"
+                                                      for key in _COLUMNS.values()) + "</tr>")
+    where = (f"{reference['sampler']} of {html.escape(str(reference['run_dir']))} at step {reference['step']}, "
+             f"gen-ppl {reference['gen_ppl']:.3f}" if reference and reference.get("gen_ppl") else "none")
     note = ("<p>Per sequence, as if decoded alone: tokens per forward = generated tokens (to the first EOS) / "
-            "forwards the sequence needed, KV-cache writes included. gen_ppl: perplexity of the samples under "
-            "the AR judge; gen_ppl_vs_reference: its ratio to the one-token sampler's. A mismatched sampler "
-            "decodes with another attention than the model was trained with.</p>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>{note}"
+            "forwards the sequence needed, KV-cache writes included; [brackets]: 90% bootstrap interval over the "
+            f"prompts. gen-ppl: perplexity of the samples under the AR judge; x reference: its ratio to the quality "
+            f"reference ({where}). A mismatched decoder decodes with another attention than the model was "
+            "trained with.</p>")
+    return f"<table><tr>{head}</tr>{''.join(cells)}</table>{note}"
+
+
+def _band(metrics: dict[str, Any], key: str) -> str:
+    low, high = metrics.get(f"{key}_interval", (None, None))
+    return "" if low is None else f" <small>[{low:,.2f}, {high:,.2f}]</small>"
 
 
 def _fmt(value) -> str:
@@ -113,20 +132,26 @@ def render(records: list[dict[str, Any]], run_dir: str) -> str:
                   *[f"<p>step {r['step']}: {html.escape(r['error'])}</p>" for r in failed]]
     latest = records[-1] if records else None
     if latest and latest.get("samplers"):
-        samplers = latest["samplers"]
-        parts += [f"<h2>Samplers at step {latest['step']}: speed and quality</h2>",
-                  _sampler_table(samplers, latest.get("quality_reference"))]
-        scored: dict[str, list[tuple[float, float]]] = {}  # one curve per sampler through its thresholds
-        for name, m in samplers.items():
+        rows = sampler_rows(latest)
+        reference = latest.get("quality_reference")
+        reference = reference if isinstance(reference, dict) else None  # older ledgers named a sampler
+        parts += [f"<h2>Decoders at step {latest['step']}: speed and quality</h2>", _sampler_table(rows, reference, run_dir)]
+        scored: dict[str, list[tuple[float, float]]] = {}  # one curve per decoder through its thresholds
+        for m in rows:
             if "gen_ppl" in m:
-                scored.setdefault(name.split("@")[0], []).append((m["tokens_per_forward"], m["gen_ppl"]))
+                scored.setdefault(m["name"].split("@")[0], []).append((m["tokens_per_forward"], m["gen_ppl"]))
         if scored:
-            parts.append(plot({k: sorted(v) for k, v in scored.items()}, "tokens per forward", "gen-ppl (AR judge)"))
-        for name, samples in latest.get("samples_by_sampler", {"spd": latest.get("samples", [])}).items():
-            parts += [f"<h2>Latest samples: {html.escape(name)}</h2>",
-                      *[f'<div class="sample">{html.escape(s)}</div>' for s in samples]]
+            level = ("reference (one-token)", reference["gen_ppl"]) if reference and reference.get("gen_ppl") else None
+            parts.append(plot({k: sorted(v) for k, v in scored.items()}, "tokens per forward", "gen-ppl (AR judge)",
+                              level=level))
+        shown = {m["name"] for m in rows}
+        for name, samples in latest.get("samples_by_sampler", {}).items():
+            if name not in shown:
+                continue
+            parts += [f"<h2>Latest samples: {html.escape(name)} (the first {min(len(samples), SHOWN)})</h2>",
+                      *[f'<div class="sample">{html.escape(s)}</div>' for s in samples[:SHOWN]]]
         if latest.get("trace"):
-            traced = html.escape(latest["trace"].get("sampler", "spd"))
+            traced = html.escape(latest["trace"].get("sampler", ""))
             parts += [f"<h2>Draft and polish: one {traced} sample, pass by pass</h2>", _trace(latest["trace"])]
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>evals</title><style>{_STYLE}</style>"
             f"</head><body>{''.join(parts)}</body></html>")

@@ -41,6 +41,7 @@ class Evaluator:
         self.mngr = None if self.exported is not None else checkpointing.reader(run_dir)
         self.ledger = ledger.Ledger(run_dir)
         self.judge = self._judge()
+        self.reference = self._reference()
         self.wandb = observe.Wandb(run_dir, self.run_cfg.wandb.project, cfg.wandb_mode,
                                    dataclasses.asdict(cfg), job_type="evals")
 
@@ -53,6 +54,27 @@ class Evaluator:
             raise RunError(f"gen_ppl_run_dir {self.cfg.gen_ppl_run_dir} is not an AR run")
         graphdef, params, _ = state.load_params(self.cfg.gen_ppl_run_dir, cfg=ref_cfg)
         return graphdef, params
+
+    def _reference(self) -> dict[str, Any] | None:
+        """The one-token quality of `reference_run_dir`'s latest evaluation under the same prompts,
+        generation length and judge (those settings must agree), or None."""
+        if not self.cfg.reference_run_dir:
+            return None
+        same = ("data_path", "gen_ppl_run_dir")
+        same_sampling = ("num_samples", "prompt_tokens", "gen_length", "seed")
+        for record in reversed(ledger.Ledger(self.cfg.reference_run_dir).records()):
+            reference = record.get("quality_reference")
+            if not isinstance(reference, dict) or reference.get("gen_ppl") is None:
+                continue
+            theirs = record["settings"]
+            differs = [k for k in same if theirs.get(k) != getattr(self.cfg, k)] + [
+                f"sampling.{k}" for k in same_sampling if theirs["sampling"].get(k) != getattr(self.cfg.sampling, k)]
+            if differs:
+                raise RunError(f"reference_run_dir {self.cfg.reference_run_dir} was evaluated with other "
+                               f"{', '.join(differs)}: evaluate both with the same settings")
+            return reference
+        raise RunError(f"reference_run_dir {self.cfg.reference_run_dir} has no evaluated one-token decoding with a "
+                       f"gen-ppl: run python -m evals on it first (with gen_ppl_run_dir)")
 
     def pending(self) -> list[int]:
         done = self.ledger.steps()
@@ -94,13 +116,13 @@ class Evaluator:
         }
         seconds = {"restore": restore_seconds, "perplexity": time.perf_counter() - start - restore_seconds}
         if self.samplers:
-            record.update(self._sample(graphdef, params, seconds))
+            record.update(self._sample(graphdef, params, step, seconds))
         seconds["total"] = time.perf_counter() - start
         record["wall_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
         record["evaluated_at"] = _now()
         return record
 
-    def _sample(self, graphdef, params, seconds: dict[str, float]) -> dict[str, Any]:
+    def _sample(self, graphdef, params, step: int, seconds: dict[str, float]) -> dict[str, Any]:
         s, prompt = self.cfg.sampling, self.prompt
         eos, mask = self.ids["eos"], self.ids["mask"]
         samplers, outputs = {}, {}
@@ -119,10 +141,12 @@ class Evaluator:
                 # a near-tie in a trained model can round differently: measured, not assumed.
                 same = outputs[name].tokens[:, s.prompt_tokens:] == outputs[twin].tokens[:, s.prompt_tokens:]
                 samplers[name][f"agreement_with_{decoders.parse(twin)[0]}"] = float(same.mean())
-        reference = next((n for n in outputs if decoders.is_one_token(n, s)), None)
-        if reference is not None and self.judge is not None:
+        own = next((n for n in outputs if decoders.is_one_token(n, s)), None)
+        reference = self.reference or (own and {"run_dir": self.run_dir, "step": step, "sampler": own,
+                                                "gen_ppl": samplers[own].get("gen_ppl")})
+        if reference and reference["gen_ppl"] is not None:
             for metrics in samplers.values():
-                metrics["gen_ppl_vs_reference"] = metrics["gen_ppl"] / samplers[reference]["gen_ppl"]
+                metrics["gen_ppl_vs_reference"] = metrics["gen_ppl"] / reference["gen_ppl"]
         traced = list(outputs)[-1]  # the last one asked for (auto: the most parallel decoder)
         shown = outputs[traced]
         return {

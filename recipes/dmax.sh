@@ -47,8 +47,13 @@ echo "== recipe 5/6 OPUT from the block-diffusion model: $OPUT_CONFIG, $OPUT_STE
 train "$RUN/oput" "$OPUT_CONFIG" "$OPUT_STEPS" data.path="$RUN/trajectories_data" train.init_from_run="$RUN/base"
 echo "== recipe 6/6 evaluate both (perplexity bound; one-token, threshold and SPD decoding)"
 [ "${EVALS:-1}" = 0 ] && exit 0
+# The OPUT run's quality reference is the base model's one-token decoding (same prompts and judge).
 for run in base oput; do
+  reference=()
+  [ "$run" = oput ] && reference=(reference_run_dir="$RUN/base")
   "$PY" -m evals --run_dir "$RUN/$run" --once gen_ppl_run_dir="$RUN/judge" data_path="$DATA" wandb_mode=offline \
-    ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"}
+    ${reference[@]+"${reference[@]}"} ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"}
 done
+echo "== what the recipe measured (python -m evals.summary; [90% intervals over the prompts])"
+"$PY" -m evals.summary "$RUN/base" "$RUN/oput"
 echo "reports: $RUN/base/evals/report.html  $RUN/oput/evals/report.html"

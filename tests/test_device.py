@@ -23,7 +23,7 @@ def test_device_script_runs_every_path_on_cpu_without_beam(tmp_path):
     report = json.loads(out.read_text())
     assert report["beam_imported"] is False
     configs = report["train_step"]["configs"]
-    assert set(configs) == {"mdlm_4x64", "ar_4x64", "bd3lm_4x64", "oput_4x64"}
+    assert set(configs) == {"mdlm_4x64", "ar_4x64", "bd3lm_4x64", "oput_4x64", "mdlm_4x64_remat_dots"}
     for name, setting in configs.items():
         assert "error" not in setting and 0 < setting["mfu"] and setting["tokens_per_s"] > 0, name
         assert setting["attention"] == "xla" and setting["xla_memory_gib"] > 0 and setting["compile_seconds"] > 0
@@ -31,6 +31,7 @@ def test_device_script_runs_every_path_on_cpu_without_beam(tmp_path):
         assert configs[name]["mfu_executed"] > configs[name]["mfu"]
     assert configs["mdlm_4x64"]["mfu_executed"] == configs["mdlm_4x64"]["mfu"]
     assert report["loader"]["grain_packed_tokens_per_s_workers_4"] > 0
+    assert set(report["init_compile_seconds"]) == {"scanned", "unrolled"}
     for batch in (1, 32):
         row = report["decoding"][f"batch_{batch}"]
         assert row["bare_forward_ms"] > 0
@@ -38,7 +39,7 @@ def test_device_script_runs_every_path_on_cpu_without_beam(tmp_path):
             assert row[name]["tokens_per_s"] > 0 and row[name]["per_forward_vs_bare"] > 0
         assert row["one_token"]["forwards"] == report["decoding"]["gen_length"]  # one token per forward
     rows = table.device(report)  # what the README table shows once a device run is recorded
-    assert rows[0][0].endswith("seed-shaped train step, mdlm_4x64 (xla, remat dots)") and rows[0][3].startswith("MFU ")
+    assert rows[0][0].endswith("seed-shaped train step, mdlm_4x64 (xla, remat full)") and rows[0][3].startswith("MFU ")
     assert any("spd_cached decoding, batch 1" in r[0] for r in rows) and any("4 workers" in r[0] for r in rows)
     refused = subprocess.run(["bash", "benchmarks/device.sh", "--tiny", "--record"], cwd=ROOT, capture_output=True,
                              text=True, timeout=300)

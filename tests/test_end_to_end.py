@@ -57,7 +57,7 @@ def test_readme_first_command_end_to_end(tmp_path):
     check_outputs(lambda p: pathlib.Path(p).read_text(), os.listdir, f"{run}/data", f"{run}/base", [20, 40])
     assert list((run / "base" / "wandb").glob("offline-run-*"))  # offline wandb logging happened
     base = json.loads((run / "base" / "evals" / "ledger.jsonl").read_text().splitlines()[-1])
-    assert base["objective"] == "bd3lm" and base["quality_reference"] == "one_token"
+    assert base["objective"] == "bd3lm" and base["quality_reference"]["sampler"] == "one_token"
     assert list(base["samplers"]) == ["one_token", "threshold", "spd", "spd_cached"]
     assert all(np.isfinite(m["gen_ppl"]) and m["matched"] for m in base["samplers"].values())
     sidecar = json.loads((run / "trajectories" / "trajectories.json").read_text())
@@ -67,6 +67,10 @@ def test_readme_first_command_end_to_end(tmp_path):
     assert oput[-1]["settings"]["sampling"]["revise"] == "yes"  # OPUT models revise their drafts
     assert oput[-1]["samples"][0].split()[:3] == base["samples"][0].split()[:3]  # the same prompts
     assert (run / "oput" / "evals" / "report.html").exists()
+    reference = oput[-1]["quality_reference"]  # OPUT's quality is measured against the base's one-token decoding
+    assert reference["run_dir"] == f"{run}/base" and reference["step"] == 40 and reference["sampler"] == "one_token"
+    assert reference["gen_ppl"] == base["samplers"]["one_token"]["gen_ppl"]
+    assert f"{run}/oput step 10 (oput)" in result.stdout and "x reference" in result.stdout  # the printed summary
 
 
 @pytest.mark.slow

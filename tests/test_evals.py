@@ -416,7 +416,7 @@ def test_once_on_a_bd3lm_run_uses_the_block_causal_samplers_and_its_bound(bd3lm_
     assert list(record["samplers"]) == ["one_token", "threshold", "spd", "spd_cached"]
     assert record["settings"]["sampling"]["block_length"] == 8  # the run's objective.block_size
     assert 0 <= record["samplers"]["spd"]["agreement_with_spd_cached"] <= 1
-    assert record["quality_reference"] == "one_token"
+    assert record["quality_reference"]["sampler"] == "one_token" and record["quality_reference"]["step"] == 40
     assert np.isfinite(record["perplexity"]["ppl_bound"]) and record["perplexity"]["ppl_bound"] > 1
     pieces = record["trace"]["pieces"]  # decoded text pieces, not byte-level BPE markers
     assert "".join(p for p in pieces if not p.startswith("<|")) == record["samples"][0]
@@ -432,7 +432,7 @@ def test_once_on_a_bd3lm_run_uses_the_block_causal_samplers_and_its_bound(bd3lm_
     assert record["samplers"]["one_token"]["matched"] and not record["samplers"]["remask"]["matched"]
     fast, careful = record["samplers"]["threshold@0.2"], record["samplers"]["threshold@0.9"]
     assert fast["forwards_per_sequence"] <= careful["forwards_per_sequence"]  # a lower threshold commits more
-    assert "mismatched<" in (bd3lm_run / "evals" / "report.html").read_text()
+    assert "mismatched (full)<" in (bd3lm_run / "evals" / "report.html").read_text()
     assert cli.main(["--run_dir", str(bd3lm_run), "--once", *EVAL_SMALL, "samplers=spd,bogus"]) == 2
     assert "unknown ['bogus']" in capsys.readouterr().err
 
@@ -448,3 +448,28 @@ def test_the_report_draws_each_samplers_frontier_with_labelled_axes():
     assert page.count("<polyline") == 2  # the bound over steps, and the threshold sampler through its settings
     assert "tokens per forward" in page and "gen-ppl (AR judge)" in page and "training step" in page
     assert ">threshold</text>" in page and ">one_token</text>" in page  # legend entries
+
+
+def test_twins_are_one_row_and_the_reference_is_marked(tmp_path):
+    """spd and spd_cached (same tokens by construction) appear once, with their agreement; the
+    frontier marks the reference's one-token quality; the summary prints the same rows."""
+    from evals import ledger, report, summary
+
+    metrics = lambda tpf, ppl: {"tokens_per_forward": tpf, "gen_ppl": ppl, "gen_ppl_vs_reference": ppl / 4.0,  # noqa: E731
+                                "distinct_2": 0.5, "attention": "block_causal", "matched": True,
+                                "tokens_per_forward_interval": [tpf - 0.1, tpf + 0.1]}
+    samplers = {"one_token": metrics(1.0, 4.2), "spd@0.7": {**metrics(2.5, 5.0), "agreement_with_spd_cached": 0.97},
+                "spd_cached@0.7": metrics(2.5, 5.0)}
+    reference = {"run_dir": "runs/base", "step": 300, "sampler": "one_token", "gen_ppl": 4.0}
+    record = {"step": 10, "objective": "oput", "perplexity": {"ppl_bound": 4.0}, "samplers": samplers,
+              "quality_reference": reference}
+    rows = summary.sampler_rows(record)
+    assert [r["label"] for r in rows] == ["one_token", "spd_cached@0.7 (= spd@0.7, 97% agreement)"]
+    page = report.render([record], "runs/oput")
+    assert page.count("spd@0.7") == 1 and "97% agreement" in page
+    assert "stroke-dasharray" in page and "reference (one-token) 4</text>" in page  # the reference level
+    assert "gen-ppl 4.000" in page and "[2.40, 2.60]" in page
+    ledger.Ledger(str(tmp_path)).append(record)
+    printed = summary.text(str(tmp_path))
+    assert "quality reference: one_token of runs/base step 300, gen-ppl 4.000" in printed
+    assert "spd_cached@0.7 (= spd@0.7, 97% agreement)" in printed and "1.25x reference" in printed

@@ -21,8 +21,8 @@ from trainer.errors import ConfigError
 @pytest.fixture
 def toys(monkeypatch):
     """The toy objective and decoder registered for this test only (the registries are restored)."""
-    monkeypatch.setattr(objectives.registry, "_REGISTRY", dict(objectives.registry._REGISTRY))
-    monkeypatch.setattr(decoders.registry, "_REGISTRY", dict(decoders.registry._REGISTRY))
+    for registry in (objectives.registry.REGISTRY, decoders.registry.REGISTRY):
+        monkeypatch.setattr(registry, "entries", dict(registry.entries))
     for module in ("tests.toys.toy_objective", "tests.toys.toy_decoder"):  # each registers on import
         if module in sys.modules:
             importlib.reload(sys.modules[module])

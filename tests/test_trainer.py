@@ -501,3 +501,15 @@ def test_init_from_run_starts_from_its_params_with_a_fresh_optimizer(tiny_overri
     first = lambda name: metrics(tmp_path / name)[0]  # noqa: E731
     assert first("tuned")["step"] == 1 and first("tuned")["lr"] == first("fresh")["lr"]  # fresh schedule
     assert first("tuned")["loss"] < metrics(tmp_path / "run")[0]["loss"] - 0.3  # started from trained params
+
+
+def test_the_trainers_gpu_flags_are_set_once_and_the_users_values_win():
+    from trainer import xla_flags
+
+    environ = {"XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=false --xla_dump_to=/tmp/x"}
+    flags_set = xla_flags.apply(environ).split()
+    assert "--xla_gpu_enable_latency_hiding_scheduler=false" in flags_set  # the user's value is kept
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" not in flags_set
+    assert "--xla_gpu_enable_while_loop_double_buffering=true" in flags_set and "--xla_dump_to=/tmp/x" in flags_set
+    assert xla_flags.apply(environ).split() == flags_set  # applying twice adds nothing
+    assert xla_flags.apply({}).split() == [f"{k}={v}" for k, v in xla_flags.GPU_FLAGS.items()]

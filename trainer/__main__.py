@@ -49,6 +49,9 @@ def initialize_distributed() -> None:
 
 
 if __name__ == "__main__":
+    from trainer import xla_flags
+
+    xla_flags.apply()  # before JAX starts its backend
     flags.FLAGS(sys.argv[:1])  # Grain's worker processes read absl flags; parse them once here
     initialize_distributed()
     sys.exit(main(sys.argv[1:]))

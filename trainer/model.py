@@ -115,15 +115,21 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         dtype = jnp.dtype(cfg.compute_dtype)
         self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden, dtype=dtype, rngs=rngs)
-        if cfg.scan_layers:
-            @nnx.split_rngs(splits=cfg.layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            def stacked_blocks(rngs: nnx.Rngs) -> Block:
-                return Block(cfg, rngs)
+        @nnx.split_rngs(splits=cfg.layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def stacked_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
 
-            self.blocks = stacked_blocks(rngs)
+        # Every layer is initialised by one traced Block under vmap, in either layout: an initialiser
+        # that traced each layer on its own (one random-number program per weight and layer) took
+        # XLA minutes to compile for 16 layers. Unrolled blocks are the stacked ones' slices.
+        stacked = stacked_blocks(rngs)
+        if cfg.scan_layers:
+            self.blocks = stacked
         else:
-            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.layers)])
+            graphdef, weights = nnx.split(stacked)
+            self.blocks = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda x: x[i], weights))
+                                    for i in range(cfg.layers)])
         self.final_norm = nnx.RMSNorm(cfg.hidden, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
         self.head = None if cfg.tie_embeddings else nnx.Linear(
             cfg.hidden, cfg.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)

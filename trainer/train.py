@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import signal
 import sys
 import time
@@ -205,7 +206,8 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None) 
               f"({executed_per_token / 1e6:.1f} executed); attention {kernel}, remat {cfg.model.remat}; "
               f"{'resuming at step ' + str(start) if start else 'fresh run'}; "
               f"{data.epochs_for(manifest, cfg):.2f} epochs; mesh {dict(mesh.shape)} over "
-              f"{jax.process_count()} process(es); MFU vs {peak / 1e9:.0f} GFLOP/s ({peak_source})")
+              f"{jax.process_count()} process(es); MFU vs {peak / 1e9:.0f} GFLOP/s ({peak_source})"
+              + (f"; XLA_FLAGS {os.environ.get('XLA_FLAGS', '')}" if jax.default_backend() == "gpu" else ""))
 
     save = functools.partial(checkpointing.save, mngr)
     # In logs (no TTY) a redraw every few seconds instead of a carriage-return flood.

@@ -30,6 +30,7 @@ from trainer import objectives
 from trainer.config import Config
 from trainer.errors import ConfigError
 from trainer.objectives.registry import BIDIRECTIONAL, BLOCK_CAUSAL  # noqa: F401  (the attentions decoders fit)
+from trainer.registry import Registry
 
 FULL = "full"  # a decoder's attention: every position sees every other (BLOCK_CAUSAL: blocks see earlier ones)
 
@@ -45,18 +46,8 @@ class Decoder:
     settings: Callable[[SamplingConfig], SamplingConfig] = lambda cfg: cfg  # what it fixes in the settings
 
 
-_REGISTRY: dict[str, Decoder] = {}
-
-
-def register(decoder: Decoder) -> Decoder:
-    if decoder.name in _REGISTRY:
-        raise ValueError(f"decoder {decoder.name} is registered twice")
-    _REGISTRY[decoder.name] = decoder
-    return decoder
-
-
-def names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+REGISTRY: Registry[Decoder] = Registry("decoder", "samplers")
+register, names = REGISTRY.register, REGISTRY.names
 
 
 def parse(spec: str) -> tuple[str, float | None]:
@@ -66,13 +57,13 @@ def parse(spec: str) -> tuple[str, float | None]:
 
 
 def get(spec: str) -> Decoder:
-    return _REGISTRY[parse(spec)[0]]
+    return REGISTRY.get(parse(spec)[0])
 
 
 def fitting(objective_name: str) -> tuple[str, ...]:
     """The decoders that fit a model trained with this objective, in registration order."""
     attention = objectives.get(objective_name).attention
-    return tuple(name for name, d in _REGISTRY.items() if attention in d.fits)
+    return tuple(name for name, d in REGISTRY.entries.items() if attention in d.fits)
 
 
 def is_matched(spec: str, objective_name: str) -> bool:
@@ -90,7 +81,7 @@ def generate(spec: str, graphdef, params, prompt_BP: np.ndarray, cfg: SamplingCo
     (compiled once per model structure and settings). `timed`: run twice and time the second run
     (evals); else decode once (jobs that only want the tokens)."""
     name, threshold = parse(spec)
-    decoder = _REGISTRY[name]
+    decoder = REGISTRY.get(name)
     if threshold is not None:
         cfg = dataclasses.replace(cfg, threshold=threshold)
     cfg = decoder.settings(cfg)
@@ -114,7 +105,7 @@ def plan(specs: str, cfg: SamplingConfig, run_cfg: Config) -> tuple[list[str], S
         return [], cfg
     unknown = [n for n in chosen if not _valid(n)]
     if unknown or not chosen:
-        raise ConfigError(f"samplers {specs!r}: unknown {unknown or 'empty list'} (known: {', '.join(_REGISTRY)}, "
+        raise ConfigError(f"samplers {specs!r}: unknown {unknown or 'empty list'} (known: {', '.join(names())}, "
                           f"each optionally @threshold, or auto)")
     if not cfg.block_length:
         cfg = dataclasses.replace(cfg, block_length=objective.block_size(run_cfg.objective) or 32)
@@ -139,4 +130,4 @@ def _valid(spec: str) -> bool:
         name, threshold = parse(spec)
     except ValueError:
         return False
-    return name in _REGISTRY and (threshold is None or threshold > 0)
+    return name in REGISTRY.entries and (threshold is None or threshold > 0)

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from trainer.errors import ConfigError
+from trainer.registry import Registry
 
 # The attention an objective trains with; decoders declare which of these they fit.
 BIDIRECTIONAL, CAUSAL, BLOCK_CAUSAL = "bidirectional", "causal", "block_causal"
@@ -54,21 +54,5 @@ class Objective:
     log: Callable[[float, dict, Settings], dict] = lambda loss, reported, settings: {}
 
 
-_REGISTRY: dict[str, Objective] = {}
-
-
-def register(objective: Objective) -> Objective:
-    if objective.name in _REGISTRY:
-        raise ValueError(f"objective {objective.name} is registered twice")
-    _REGISTRY[objective.name] = objective
-    return objective
-
-
-def get(name: str) -> Objective:
-    if name not in _REGISTRY:
-        raise ConfigError(f"objective.name {name!r} is not a registered objective (registered: {', '.join(_REGISTRY)})")
-    return _REGISTRY[name]
-
-
-def names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+REGISTRY: Registry[Objective] = Registry("objective", "objective.name")
+register, get, names = REGISTRY.register, REGISTRY.get, REGISTRY.names
