@@ -29,19 +29,27 @@ class MDLMSettings(registry.Settings):
                 (0 < self.eps < 1, "objective.eps", "must be in (0, 1)")]
 
 
-def nelbo(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, s: MDLMSettings,
-          t_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(weighted NLL of the masked positions summed, count of real tokens). Padding (segment 0) is
-    never masked and never counted."""
+def nelbo_BL(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, s: MDLMSettings,
+             t_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(each position's weighted NLL, 0 where not masked; real tokens). Padding (segment 0) is never
+    masked; with batch["scored"] only those positions are, the rest stays clean context."""
     tokens_BL, segments_BL = batch["tokens"], batch["tokens_segment_ids"]
     time_key, mask_key = jax.random.split(key)
     if t_B is None:
         t_B = masking.sample_times(time_key, tokens_BL.shape[0], s.antithetic, s.eps)
     alpha_B, weight_B = masking.alpha_and_weight(t_B, s.noise_schedule, s.eps)
     real_BL = segments_BL != 0
-    noisy_BL, masked_BL = masking.mask_tokens(mask_key, tokens_BL, (1 - alpha_B)[:, None], real_BL, mask_id)
+    maskable_BL = masking.scored_positions(real_BL, batch)
+    noisy_BL, masked_BL = masking.mask_tokens(mask_key, tokens_BL, (1 - alpha_B)[:, None], maskable_BL, mask_id)
     nll_BL = masking.subs_nll(model(noisy_BL, segments_BL, batch["tokens_positions"], False), tokens_BL, mask_id)
-    return jnp.where(masked_BL, nll_BL * weight_B[:, None], 0.0).sum(), real_BL.sum()
+    return jnp.where(masked_BL, nll_BL * weight_B[:, None], 0.0), real_BL
+
+
+def nelbo(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, s: MDLMSettings,
+          t_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(weighted NLL of the masked positions summed, count of real tokens)."""
+    loss_BL, real_BL = nelbo_BL(model, batch, key, mask_id, s, t_B)
+    return loss_BL.sum(), real_BL.sum()
 
 
 def train_loss(model, batch, key, mask_id, s):
@@ -53,6 +61,10 @@ def eval_loss(model, batch, key, mask_id, s, t):
     return nelbo(model, batch, key, mask_id, s, t_B=jnp.full((batch["tokens"].shape[0],), t))
 
 
+def token_loss(model, batch, key, mask_id, s, t):
+    return nelbo_BL(model, batch, key, mask_id, s, t_B=jnp.full((batch["tokens"].shape[0],), t))[0]
+
+
 def nelbo_fields(loss: float, reported: dict) -> dict:
     """metrics.jsonl fields of a NELBO objective: the bound on the training batch."""
     return {"nelbo": loss, "ppl_bound": float(np.exp(min(loss, 50.0)))}
@@ -60,4 +72,5 @@ def nelbo_fields(loss: float, reported: dict) -> dict:
 
 MDLM = registry.register(registry.Objective(
     name="mdlm", settings=MDLMSettings, attention=registry.BIDIRECTIONAL, batch=registry.PACKED,
-    train_loss=train_loss, eval_loss=eval_loss, flops_per_token=train_flops_per_token, log=nelbo_fields))
+    train_loss=train_loss, eval_loss=eval_loss, token_loss=token_loss, flops_per_token=train_flops_per_token,
+    log=nelbo_fields))
