@@ -35,9 +35,41 @@ class SamplingConfig:
 
 
 @dataclasses.dataclass
+class HarnessSettings:
+    """What the harness model (evals/harness) reads besides the checkpoint: `harness.*` keys here,
+    `--model_args` of `python -m evals.harness`."""
+    # Noise levels of a diffusion model's loglikelihood: its bound at K stratified levels, mean and standard
+    # error (AR: exact, one pass). 32 halves K=8's standard error (measured: README).
+    samples: int = 32
+    batch_size: int = 8  # packed rows (loglikelihood) or prompts (generate_until) per forward
+    seed: int = 0  # fixes the bound's masks and the sampling
+    # generate_until's decoder, name or name@threshold ("" = the quality reference of the decoders that fit
+    # the objective); its settings are sampling.*.
+    sampler: str = ""
+    max_gen_toks: int = 256  # generation length when a task sets none (prompt + generation fit data.seq_len)
+    arithmetic_data: str = ""  # arithmetic_word_problems' rows: a DMax-layout .jsonl or .parquet file
+
+    def harness_rules(self) -> list[tuple[bool, str, str]]:
+        return [(self.samples >= 2, "samples", "must be at least 2 (the standard error needs two levels)"),
+                (self.batch_size >= 1, "batch_size", "must be at least 1"),
+                (self.max_gen_toks >= 1, "max_gen_toks", "must be at least 1")]
+
+
+@dataclasses.dataclass
+class HarnessConfig(HarnessSettings):
+    """lm-evaluation-harness tasks run on each new step (evals/harness); the model reads the eval's
+    data_path, gen_ppl_run_dir (the continuation task's judge) and sampling.* too."""
+    # Comma-separated task names ("" = none): the shipped tinystories_cloze, tinystories_continuation,
+    # arithmetic_word_problems (evals/harness/tasks) or any task lm_eval can load offline.
+    tasks: str = ""
+    limit: int = 0  # documents per task (0 = all)
+
+
+@dataclasses.dataclass
 class EvalConfig:
     perplexity: PerplexityConfig = dataclasses.field(default_factory=PerplexityConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    harness: HarnessConfig = dataclasses.field(default_factory=HarnessConfig)
     samplers: str = "auto"  # comma-separated names (name@threshold for one setting), or auto = matched to the objective
     # A preprocess output (same tokenizer) whose validation split is scored and gives the prompts
     # ("" = the run's data.path); an OPUT run on self-generated trajectories is scored on real text.
@@ -67,6 +99,8 @@ class EvalConfig:
             (self.poll_seconds > 0, "poll_seconds", "must be positive"),
             (self.wandb_mode in ("offline", "online", "disabled"), "wandb_mode",
              "must be offline, online or disabled"),
+            (self.harness.limit >= 0, "harness.limit", "must be >= 0 (0 = every document)"),
+            *[(ok, f"harness.{key}", message) for ok, key, message in self.harness.harness_rules()],
         ])
 
 

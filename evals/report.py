@@ -104,6 +104,25 @@ def _fmt(value) -> str:
     return f"{value:,.2f}" if isinstance(value, float) else f"{value:,}"
 
 
+def _harness_table(harness: dict[str, Any]) -> str:
+    """lm-evaluation-harness scores: one row per task and metric (lm_eval's `metric,filter`), with its
+    standard error."""
+    rows = []
+    for task, metrics in harness.get("scores", {}).items():
+        for key, value in metrics.items():
+            metric, _, filtered = key.partition(",")
+            if metric.endswith("_stderr"):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{filtered}")
+            rows.append(f"<tr><th>{html.escape(task)}</th><td>{html.escape(key)}</td><td>{_fmt(value)}</td>"
+                        f"<td>{_fmt(stderr)}</td></tr>")
+    samples = harness.get("samples")
+    note = (f"<p>Diffusion loglikelihoods are bounds estimated at {samples} noise levels (mean standard error "
+            f"{_fmt(harness.get('bound_stderr'))} nats); AR ones are exact.</p>" if samples else "")
+    return ("<table><tr><th>task</th><th>metric,filter</th><th>value</th><th>stderr</th></tr>"
+            f"{''.join(rows)}</table>{note}")
+
+
 def _trace(trace: dict[str, Any]) -> str:
     """Each generated token coloured by the forward pass that first fixed it; revisions in the tooltip."""
     last = max(trace["decoded_at"]) or 1
@@ -131,6 +150,8 @@ def render(records: list[dict[str, Any]], run_dir: str) -> str:
         parts += ["<h2>Steps not evaluated</h2>",
                   *[f"<p>step {r['step']}: {html.escape(r['error'])}</p>" for r in failed]]
     latest = records[-1] if records else None
+    if latest and latest.get("harness"):
+        parts += [f"<h2>lm-evaluation-harness at step {latest['step']}</h2>", _harness_table(latest["harness"])]
     if latest and latest.get("samplers"):
         rows = sampler_rows(latest)
         reference = latest.get("quality_reference")

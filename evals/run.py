@@ -9,7 +9,6 @@ from typing import Any
 
 import jax
 from etils import epath
-from tokenizers import Tokenizer
 
 from evals import decoders, ledger, perplexity, quality, report, runs
 from evals.config import EvalConfig
@@ -25,14 +24,19 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def _headlines(harness: dict[str, Any]) -> dict[str, tuple[str, float]]:
+    """Each harness task's first scored metric (lm_eval's `metric,filter` key) and its value."""
+    return {task: first for task, metrics in harness.get("scores", {}).items()
+            if (first := next(((k, v) for k, v in metrics.items() if "_stderr" not in k and v is not None), None))}
+
+
 class Evaluator:
     def __init__(self, run_dir: str, cfg: EvalConfig):
         self.run_dir, self.cfg = run_dir, cfg
         self.run_cfg = runs.load_config(run_dir)
         self.samplers, cfg.sampling = decoders.plan(cfg.samplers, cfg.sampling, self.run_cfg)
         self.manifest = runs.eval_data(self.run_cfg, cfg.data_path)
-        tokenizer_path = epath.Path(self.run_cfg.data.path) / self.manifest["tokenizer"]["file"]
-        self.tokenizer = Tokenizer.from_str(tokenizer_path.read_text())
+        self.tokenizer = runs.tokenizer(self.run_cfg.data.path, self.manifest)
         self.ids = data.special_ids(self.manifest)
         s = cfg.sampling
         self.prompt = (perplexity.prompts(self.run_cfg, self.manifest, s.num_samples, s.prompt_tokens)
@@ -42,6 +46,7 @@ class Evaluator:
         self.ledger = ledger.Ledger(run_dir)
         self.judge = self._judge()
         self.reference = self._reference()
+        self.harness = self._harness()
         self.wandb = observe.Wandb(run_dir, self.run_cfg.wandb.project, cfg.wandb_mode,
                                    dataclasses.asdict(cfg), job_type="evals")
 
@@ -75,6 +80,17 @@ class Evaluator:
             return reference
         raise RunError(f"reference_run_dir {self.cfg.reference_run_dir} has no evaluated one-token decoding with a "
                        f"gen-ppl: run python -m evals on it first (with gen_ppl_run_dir)")
+
+    def _harness(self):
+        """The lm-evaluation-harness tasks run on each step (harness.tasks), or None; lm_eval is imported
+        only then."""
+        if not self.cfg.harness.tasks:
+            return None
+        from evals.harness import suite
+
+        return suite.Suite(self.cfg.harness, self.cfg.sampling, {
+            "run_dir": self.run_dir, "data_path": self.run_cfg.data.path, "judge_run_dir": self.cfg.gen_ppl_run_dir,
+            "arithmetic_data": self.cfg.harness.arithmetic_data})
 
     def pending(self) -> list[int]:
         done = self.ledger.steps()
@@ -117,6 +133,13 @@ class Evaluator:
         seconds = {"restore": restore_seconds, "perplexity": time.perf_counter() - start - restore_seconds}
         if self.samplers:
             record.update(self._sample(graphdef, params, step, seconds))
+        if self.harness is not None:
+            from evals.harness.checkpoint import Checkpoint
+
+            started = time.perf_counter()
+            record["harness"] = self.harness.evaluate(
+                Checkpoint(self.run_dir, self.run_cfg, self.tokenizer, self.ids, graphdef, params, step))
+            seconds["harness"] = time.perf_counter() - started
         seconds["total"] = time.perf_counter() - start
         record["wall_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
         record["evaluated_at"] = _now()
@@ -168,6 +191,8 @@ class Evaluator:
         flat = {f"eval/{k}": v for k, v in result.get("perplexity", {}).items()}
         for name, metrics in result.get("samplers", {}).items():
             flat.update({f"eval/{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        for task, metrics in result.get("harness", {}).get("scores", {}).items():
+            flat.update({f"eval/harness/{task}/{k}": v for k, v in metrics.items() if v is not None})
         self.wandb.log(result["step"], flat)
         ledger.write_whole(self.ledger.directory / "report.html", report.render(self.ledger.records(), self.run_dir))
 
@@ -187,6 +212,8 @@ class Evaluator:
             figure = ppl.get("ppl_bound", ppl.get("ar_ppl"))
             speeds = "".join(f", {name} {m['tokens_per_forward']:.2f} tokens/forward"
                              for name, m in result.get("samplers", {}).items())
+            speeds += "".join(f", {task} {metric} {value:.3f}"
+                              for task, (metric, value) in _headlines(result.get("harness", {})).items())
             print(f"step {step}: ppl {figure:.3f}{speeds} ({result['wall_seconds']['total']:.1f}s)", flush=True)
         return count
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 from etils import epath
+from tokenizers import Tokenizer
 
 from trainer import config as config_lib
 from trainer import data, hf, state
@@ -36,6 +37,11 @@ def eval_data(run_cfg: config_lib.Config, data_path: str) -> dict[str, Any]:
         raise RunError(f"the validation split of {path} holds no records: evals score and prompt from it "
                        f"(preprocess with a larger --validation_fraction, or set data_path)")
     return manifest
+
+
+def tokenizer(data_path: str, manifest: dict[str, Any]) -> Tokenizer:
+    """The tokenizer of a preprocess output (`manifest` is its manifest)."""
+    return Tokenizer.from_str((epath.Path(data_path) / manifest["tokenizer"]["file"]).read_text())
 
 
 def exported_step(run_dir: str) -> int | None:

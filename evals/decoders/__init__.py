@@ -1,7 +1,7 @@
 """Decoders (samplers), one registry entry each (registry.py): block-causal ones for models
-trained block-causally, full-attention ones for bidirectional models. Importing this package
-registers the built-in decoders."""
+trained block-causally, full-attention ones for bidirectional models, a causal one for AR models.
+Importing this package registers the built-in decoders."""
 
-from evals.decoders import block_causal, full_attention  # noqa: F401  (each registers its decoders)
+from evals.decoders import block_causal, causal, full_attention  # noqa: F401  (each registers its decoders)
 from evals.decoders.registry import (  # noqa: F401
-    Decoder, fitting, generate, get, is_matched, is_one_token, names, parse, plan, register)
+    Decoder, fitting, generate, get, is_matched, is_one_token, names, parse, plan, program, register)

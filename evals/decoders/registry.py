@@ -4,8 +4,9 @@ quality reference. Which decoders fit a run, and whether a chosen one is mismatc
 the entries and the run's objective entry (trainer/objectives), never from names.
 
 A block-diffusion model (trained block-causally) decodes block by block with block-causal
-attention; a bidirectional MDLM model with full attention. Decoding a model with another
-attention than it was trained with is allowed when asked for, and reported as mismatched.
+attention; a bidirectional MDLM model with full attention; an AR model token by token (causal).
+Decoding a model with another attention than it was trained with is allowed when asked for, and
+reported as mismatched.
 SPD revises its drafts only on models whose loss covers every position (the objective entry's
 `revises`, OPUT); a SUBS model (MDLM, BD3LM) carries a decoded token over, as trained.
 
@@ -29,7 +30,7 @@ from evals.decoders import common
 from trainer import objectives
 from trainer.config import Config
 from trainer.errors import ConfigError
-from trainer.objectives.registry import BIDIRECTIONAL, BLOCK_CAUSAL  # noqa: F401  (the attentions decoders fit)
+from trainer.objectives.registry import BIDIRECTIONAL, BLOCK_CAUSAL, CAUSAL  # noqa: F401  (the attentions decoders fit)
 from trainer.registry import Registry
 
 FULL = "full"  # a decoder's attention: every position sees every other (BLOCK_CAUSAL: blocks see earlier ones)
@@ -39,11 +40,14 @@ FULL = "full"  # a decoder's attention: every position sees every other (BLOCK_C
 class Decoder:
     name: str
     build: Callable  # the program builder (module docstring)
-    attention: str  # the attention it decodes with: BLOCK_CAUSAL | FULL
+    attention: str  # the attention it decodes with: BLOCK_CAUSAL | FULL | CAUSAL
     fits: tuple[str, ...]  # the training attentions (an objective entry's `attention`) of the models it fits
     cached_twin: str | None = None  # a decoder that gives the same tokens with another program (spd -> spd_cached)
     one_token: Callable[[SamplingConfig], bool] = lambda cfg: False  # commits one token per forward: the reference
     settings: Callable[[SamplingConfig], SamplingConfig] = lambda cfg: cfg  # what it fixes in the settings
+    # Chosen by samplers=auto. The causal decoder is not: an AR run is scored by its exact perplexity and
+    # judges the others' samples; it samples when named (and in the harness's generate_until).
+    auto: bool = True
 
 
 REGISTRY: Registry[Decoder] = Registry("decoder", "samplers")
@@ -75,20 +79,27 @@ def is_one_token(spec: str, cfg: SamplingConfig) -> bool:
     return get(spec).one_token(cfg)
 
 
-def generate(spec: str, graphdef, params, prompt_BP: np.ndarray, cfg: SamplingConfig, mask_id: int, eos_id: int,
-             key: jax.Array, timed: bool = True) -> common.Samples:
-    """Decodes `gen_length` tokens after each prompt with the decoder `name` or `name@threshold`
-    (compiled once per model structure and settings). `timed`: run twice and time the second run
-    (evals); else decode once (jobs that only want the tokens)."""
+def program(spec: str, graphdef, params, prompt_shape: tuple[int, int], cfg: SamplingConfig, mask_id: int,
+            eos_id: int) -> tuple[Callable, SamplingConfig]:
+    """(the compiled `generate(params, prompt_BP, key)` of the decoder `name` or `name@threshold`, the
+    settings it runs with): compiled once per model structure, prompt shape and settings."""
     name, threshold = parse(spec)
     decoder = REGISTRY.get(name)
     if threshold is not None:
         cfg = dataclasses.replace(cfg, threshold=threshold)
     cfg = decoder.settings(cfg)
     structure = dataclasses.astuple(nnx.merge(graphdef, params).cfg)
-    program = compiled.once(("decoder", name, structure, prompt_BP.shape, dataclasses.astuple(cfg), mask_id, eos_id),
-                            lambda: decoder.build(graphdef, prompt_BP.shape, cfg, mask_id, eos_id))
-    return common.run(program, params, prompt_BP, key, cfg, warm_up=timed)
+    return compiled.once(("decoder", name, structure, prompt_shape, dataclasses.astuple(cfg), mask_id, eos_id),
+                         lambda: decoder.build(graphdef, prompt_shape, cfg, mask_id, eos_id)), cfg
+
+
+def generate(spec: str, graphdef, params, prompt_BP: np.ndarray, cfg: SamplingConfig, mask_id: int, eos_id: int,
+             key: jax.Array, timed: bool = True) -> common.Samples:
+    """Decodes `gen_length` tokens after each prompt with the decoder `name` or `name@threshold`.
+    `timed`: run twice and time the second run (evals); else decode once (jobs that only want the
+    tokens)."""
+    generate_program, cfg = program(spec, graphdef, params, prompt_BP.shape, cfg, mask_id, eos_id)
+    return common.run(generate_program, params, prompt_BP, key, cfg, warm_up=timed)
 
 
 def plan(specs: str, cfg: SamplingConfig, run_cfg: Config) -> tuple[list[str], SamplingConfig]:
@@ -96,19 +107,22 @@ def plan(specs: str, cfg: SamplingConfig, run_cfg: Config) -> tuple[list[str], S
     a bad choice.
 
     `specs` is comma-separated specs (`name` or `name@threshold`, e.g. `spd_cached@0.5`) or "auto"
-    (the decoders that fit the run's objective; none for an objective none fits, such as AR, which is
-    scored by its exact perplexity). The generation stays within the length the model was trained
+    (the decoders that fit the run's objective and are offered to auto: none for AR, which is scored
+    by its exact perplexity). The generation stays within the length the model was trained
     on (data.seq_len)."""
     objective = objectives.get(run_cfg.objective.name)
-    chosen = list(fitting(objective.name)) if specs == "auto" else [n.strip() for n in specs.split(",") if n.strip()]
+    if specs == "auto":
+        chosen = [n for n in fitting(objective.name) if REGISTRY.entries[n].auto]
+    else:
+        chosen = [n.strip() for n in specs.split(",") if n.strip()]
     if specs == "auto" and not chosen:
         return [], cfg
-    unknown = [n for n in chosen if not _valid(n)]
+    unknown = [n for n in chosen if not is_valid(n)]
     if unknown or not chosen:
         raise ConfigError(f"samplers {specs!r}: unknown {unknown or 'empty list'} (known: {', '.join(names())}, "
                           f"each optionally @threshold, or auto)")
     if not cfg.block_length:
-        cfg = dataclasses.replace(cfg, block_length=objective.block_size(run_cfg.objective) or 32)
+        cfg = dataclasses.replace(cfg, block_length=block_length(cfg, run_cfg))
     if cfg.revise == "auto":  # only a model trained to predict every position (OPUT) revises its drafts
         cfg = dataclasses.replace(cfg, revise="yes" if objective.revises else "no")
     trained = run_cfg.data.seq_len
@@ -125,7 +139,13 @@ def plan(specs: str, cfg: SamplingConfig, run_cfg: Config) -> tuple[list[str], S
     return chosen, cfg
 
 
-def _valid(spec: str) -> bool:
+def block_length(cfg: SamplingConfig, run_cfg: Config) -> int:
+    """The decoding block: sampling.block_length, else the run's objective's block size, else 32."""
+    return cfg.block_length or objectives.get(run_cfg.objective.name).block_size(run_cfg.objective) or 32
+
+
+def is_valid(spec: str) -> bool:
+    """Whether `spec` names a registered decoder, with a positive threshold if any."""
     try:
         name, threshold = parse(spec)
     except ValueError:

@@ -58,20 +58,28 @@ def block_times(key: jax.Array, positions_BL: jax.Array, segment_ids_BL: jax.Arr
     return low + (high - low) * u_BL
 
 
-def nelbo(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, s: BD3LMSettings,
-          t_BL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(weighted NLL of the masked positions summed, count of scored tokens): the BD3LM NELBO. Each
-    piece's first token is context (masking.scored), like MDLM's."""
+def nelbo_BL(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, s: BD3LMSettings,
+             t_BL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(each position's weighted NLL, 0 where not masked; the scored tokens): the BD3LM NELBO by
+    position. Each piece's first token is context (masking.scored), like MDLM's; with batch["scored"]
+    only those positions are masked, the rest stays clean context."""
     tokens_BL, segments_BL, positions_BL = batch["tokens"], batch["tokens_segment_ids"], batch["tokens_positions"]
     time_key, mask_key = jax.random.split(key)
     if t_BL is None:
         t_BL = block_times(time_key, positions_BL, segments_BL, s)
     alpha_BL, weight_BL = masking.alpha_and_weight(t_BL, s.noise_schedule, s.eps)
-    scored_BL = masking.scored(segments_BL, positions_BL)
+    scored_BL = masking.requested(masking.scored(segments_BL, positions_BL), batch)
     noisy_BL, masked_BL = masking.mask_tokens(mask_key, tokens_BL, 1 - alpha_BL, scored_BL, mask_id)
     logits_BLV = two_stream.noisy_stream_logits(model, noisy_BL, tokens_BL, positions_BL, segments_BL, s.block_size)
     nll_BL = masking.subs_nll(logits_BLV, tokens_BL, mask_id)
-    return jnp.where(masked_BL, nll_BL * weight_BL, 0.0).sum(), scored_BL.sum()
+    return jnp.where(masked_BL, nll_BL * weight_BL, 0.0), scored_BL
+
+
+def nelbo(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, s: BD3LMSettings,
+          t_BL: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(weighted NLL of the masked positions summed, count of scored tokens): the BD3LM NELBO."""
+    loss_BL, scored_BL = nelbo_BL(model, batch, key, mask_id, s, t_BL)
+    return loss_BL.sum(), scored_BL.sum()
 
 
 def train_loss(model, batch, key, mask_id, s):
@@ -93,6 +101,11 @@ def logged_fields(loss: float, reported: dict, s: BD3LMSettings) -> dict:
     return nelbo_fields(loss, reported, s)
 
 
+def token_loss(model, batch, key, mask_id, s, t):
+    """eval_loss by position (OPUT's too)."""
+    return nelbo_BL(model, batch, key, mask_id, s, t_BL=jnp.full(batch["tokens"].shape, t))[0]
+
+
 def two_stream_flops(model_cfg, seq_len: int) -> float:
     """Both streams are trained: two positions of a 2L-long forward per token."""
     return train_flops_per_token(model_cfg, 2 * seq_len) * 2
@@ -100,5 +113,5 @@ def two_stream_flops(model_cfg, seq_len: int) -> float:
 
 BD3LM = registry.register(registry.Objective(
     name="bd3lm", settings=BD3LMSettings, attention=registry.BLOCK_CAUSAL, batch=registry.PACKED,
-    train_loss=train_loss, eval_loss=eval_loss, flops_per_token=two_stream_flops,
+    train_loss=train_loss, eval_loss=eval_loss, token_loss=token_loss, flops_per_token=two_stream_flops,
     block_size=lambda s: s.block_size, log=logged_fields))

@@ -48,6 +48,12 @@ def mask_tokens(key: jax.Array, tokens_BL: jax.Array, rate_BL: jax.Array, maskab
     return jnp.where(masked_BL, mask_id, tokens_BL), masked_BL
 
 
+def requested(positions_BL: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+    """`positions_BL` limited to batch["scored"] when the batch has it: a continuation scored given
+    its clean context (the harness's requests)."""
+    return positions_BL & batch["scored"] if "scored" in batch else positions_BL
+
+
 def subs_nll(logits_BLV: jax.Array, tokens_BL: jax.Array, mask_id: int) -> jax.Array:
     """-log p(token) with the mask logit at -inf (SUBS: the model never predicts the mask)."""
     return token_nll(logits_BLV.at[..., mask_id].set(-jnp.inf), tokens_BL)

@@ -29,19 +29,26 @@ class MDLMSettings(registry.Settings):
                 (0 < self.eps < 1, "objective.eps", "must be in (0, 1)")]
 
 
-def nelbo(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, s: MDLMSettings,
-          t_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(weighted NLL of the masked positions summed, count of scored tokens: masking.scored).
-    Padding (segment 0) and each piece's first token are never masked and never counted."""
+def nelbo_BL(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, s: MDLMSettings,
+             t_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(each position's weighted NLL, 0 where not masked; the scored tokens: masking.scored, within
+    batch["scored"] when given). Padding and each piece's first token are never masked nor counted."""
     tokens_BL, segments_BL = batch["tokens"], batch["tokens_segment_ids"]
     time_key, mask_key = jax.random.split(key)
     if t_B is None:
         t_B = masking.sample_times(time_key, tokens_BL.shape[0], s.antithetic, s.eps)
     alpha_B, weight_B = masking.alpha_and_weight(t_B, s.noise_schedule, s.eps)
-    scored_BL = masking.scored(segments_BL, batch["tokens_positions"])
+    scored_BL = masking.requested(masking.scored(segments_BL, batch["tokens_positions"]), batch)
     noisy_BL, masked_BL = masking.mask_tokens(mask_key, tokens_BL, (1 - alpha_B)[:, None], scored_BL, mask_id)
     nll_BL = masking.subs_nll(model(noisy_BL, segments_BL, batch["tokens_positions"], False), tokens_BL, mask_id)
-    return jnp.where(masked_BL, nll_BL * weight_B[:, None], 0.0).sum(), scored_BL.sum()
+    return jnp.where(masked_BL, nll_BL * weight_B[:, None], 0.0), scored_BL
+
+
+def nelbo(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, s: MDLMSettings,
+          t_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(weighted NLL of the masked positions summed, count of scored tokens)."""
+    loss_BL, scored_BL = nelbo_BL(model, batch, key, mask_id, s, t_B)
+    return loss_BL.sum(), scored_BL.sum()
 
 
 def train_loss(model, batch, key, mask_id, s):
@@ -53,6 +60,10 @@ def eval_loss(model, batch, key, mask_id, s, t):
     return nelbo(model, batch, key, mask_id, s, t_B=jnp.full((batch["tokens"].shape[0],), t))
 
 
+def token_loss(model, batch, key, mask_id, s, t):
+    return nelbo_BL(model, batch, key, mask_id, s, t_B=jnp.full((batch["tokens"].shape[0],), t))[0]
+
+
 def nelbo_fields(loss: float, reported: dict, s: MDLMSettings) -> dict:
     """metrics.jsonl fields of a NELBO objective: the bound on the training batch."""
     return {"nelbo": loss, "ppl_bound": float(np.exp(min(loss, 50.0)))}
@@ -60,4 +71,5 @@ def nelbo_fields(loss: float, reported: dict, s: MDLMSettings) -> dict:
 
 MDLM = registry.register(registry.Objective(
     name="mdlm", settings=MDLMSettings, attention=registry.BIDIRECTIONAL, batch=registry.PACKED,
-    train_loss=train_loss, eval_loss=eval_loss, flops_per_token=train_flops_per_token, log=nelbo_fields))
+    train_loss=train_loss, eval_loss=eval_loss, token_loss=token_loss, flops_per_token=train_flops_per_token,
+    log=nelbo_fields))

@@ -94,7 +94,8 @@ def rollout_flops(model_cfg, seq_len: int) -> float:
 
 OPUT = registry.register(registry.Objective(
     name="oput", settings=OPUTSettings, attention=registry.BLOCK_CAUSAL, batch=registry.TRAJECTORY,
-    train_loss=train_loss, eval_loss=bd3lm.eval_loss, flops_per_token=rollout_flops, revises=True,
+    train_loss=train_loss, eval_loss=bd3lm.eval_loss, token_loss=bd3lm.token_loss, flops_per_token=rollout_flops,
+    revises=True,
     block_size=lambda s: s.block_size, report=report,
     log=lambda loss, reported, s: {k: float(reported[k]) for k in
                                 ("loss_masked", "loss_on_policy", "replaced_fraction", "truncated_examples")}))

@@ -45,6 +45,11 @@ class Objective:
     # (model config, seq_len) -> training FLOPs per token the step executes (forward + backward, every
     # stream and rollout); trainer/model.py's train_flops_per_token is the token-once count
     flops_per_token: Callable[[Any, int], float]
+    # (model, batch, key, mask_id, settings, t) -> loss_BL: each position's share of eval_loss's summed NLL
+    # (0 where nothing is scored). An optional batch["scored"] (bool [B, L]) limits noising and scoring to
+    # those positions, the rest staying clean context: how the harness (evals/harness) scores a continuation
+    # given its context. None: the objective cannot be scored by position (the harness refuses it).
+    token_loss: Callable[..., Any] | None = None
     exact: bool = False  # eval_loss is the exact NLL (AR), not a bound at grid times
     revises: bool = False  # its loss covers every position, so decoders may revise decoded drafts (SPD)
     block_size: Callable[[Settings], int | None] = lambda settings: None  # decoding blocks it was trained with
