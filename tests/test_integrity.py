@@ -373,6 +373,41 @@ def test_a_tokenizer_with_a_gap_in_its_ids_sizes_the_vocabulary_by_its_largest_i
     assert f"has token ids up to {largest} but the manifest's vocab_size is 100" in err
 
 
+def test_a_stored_id_past_the_vocabulary_is_one_line_naming_the_shard(tiny_dataset, tmp_path, capsys):
+    import hashlib
+
+    import numpy as np
+    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+    from pipelines import manifest
+    from tests.conftest import TINY_MODEL
+    from trainer import __main__ as cli
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    name = "train-00000-of-00002.array_record"
+    reader = ArrayRecordReader(str(data / name))
+    records = [bytearray(r) for r in reader.read_all()]
+    reader.close()
+    for record in records:  # a tool that wrote ids the tokenizer has not: each record's BOS becomes 9999
+        record[4:6] = np.uint16(9999).tobytes()
+    (data / name).unlink()
+    writer = ArrayRecordWriter(str(data / name), "group_size:1,uncompressed")
+    for record in records:
+        writer.write(bytes(record))
+    writer.close()
+    described = manifest.load(str(data))  # the manifest describes the new bytes: only the ids are wrong
+    shard = next(s for s in described["splits"]["train"]["shards"] if s["file"] == name)
+    shard.update(num_bytes=(data / name).stat().st_size, sha256=hashlib.sha256((data / name).read_bytes()).hexdigest())
+    (data / "manifest.json").write_text(json.dumps(described))
+    assert manifest.main([str(data)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{name} holds token id 9999, not below the manifest's vocab_size 320: re-run preprocess"]
+    err = error_line(capsys, cli.main([f"data.path={data}", f"run_dir={tmp_path / 'run'}", *TINY_MODEL,
+                                       "train.steps=2"]))
+    assert f"shard {data / name} holds token id 9999, past the manifest's vocab_size 320" in err
+
+
 # One writer per output -----------------------------------------------------------------------
 
 def test_a_killed_overwrite_leaves_no_staging_folder_and_a_running_one_is_refused(story_file, tmp_path, capsys):
