@@ -1,4 +1,4 @@
-"""python -m evals --run_dir RUN [--once | --watch] [--config FILE] [key=value ...]"""
+"""python -m evals --run_dir RUN [--once | --watch] [--force] [--config FILE] [key=value ...]"""
 
 import argparse
 import sys
@@ -10,29 +10,37 @@ def main(argv: list[str]) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="Evaluate every committed, unevaluated step and exit (default)")
     mode.add_argument("--watch", action="store_true", help="Keep evaluating new steps until the run's final step")
+    parser.add_argument("--force", action="store_true",
+                        help="Evaluate again, under these settings, steps recorded under other settings (a second "
+                             "ledger record per step) instead of refusing")
     parser.add_argument("--config", help="Optional YAML of eval settings")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. sampling.threshold=0.7")
     args = parser.parse_args(argv)
 
+    from trainer import signals
+
+    return signals.exit_status(lambda: _evaluate(args))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from evals import config, run
     from trainer.errors import UserError
 
+    evaluator = None
     try:
-        evaluator = run.Evaluator(args.run_dir, config.load(args.config, args.overrides))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
+        evaluator = run.Evaluator(args.run_dir, config.load(args.config, args.overrides), force=args.force)
         if args.watch:
             evaluator.watch()
         elif not evaluator.once():
-            done = len(evaluator.ledger.steps())
+            done = len(evaluator.ledger.steps(evaluator.settings))
             print(f"{args.run_dir}: no committed checkpoint to evaluate yet"
                   if not done else f"{args.run_dir}: every committed checkpoint is evaluated ({done})")
-    except KeyboardInterrupt:
-        print("stopped")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
-        evaluator.close()
+        if evaluator is not None:
+            evaluator.close()
     report = evaluator.ledger.directory / "report.html"
     if report.exists():
         print(f"report: {report}")

@@ -1,22 +1,56 @@
-"""RUN/evals: one record per evaluated step, safe beside other evaluators.
+"""RUN/evals: one record per evaluated step and settings, safe beside other evaluators.
 
-Each step's record is its own file, `evals/steps/<step>.json`, written whole: the source of
-truth, which concurrent evaluators cannot lose (two that evaluate the same step write the same
-record). `evals/ledger.jsonl`, one line per step in step order, is regenerated from them after
-every record, under a file lock on local disk; on an object store (no locks) a view written by
-two evaluators at once may lack the other's newest step until the next record rewrites it. A
-line or file that is not valid JSON (a torn write by some other tool) is skipped with a warning.
+Each record is its own file, `evals/steps/<step>-<settings hash>.json`, written whole: the source
+of truth, which concurrent evaluators cannot lose (two that evaluate the same step under the same
+settings write the same record). The settings hash covers every eval key but how the evaluator
+runs (`OPERATIONAL`), so a step evaluated again under other settings (`python -m evals --force`)
+gets a second record beside the first. A record matches settings when every key both hold agrees:
+a key added to the evals after a record was made takes its default, which keeps the earlier
+behaviour. Records of older evaluators (`<step>.json`) keep their names. `evals/ledger.jsonl`, one
+line per record in step order, is regenerated from them after every record, under a file lock on
+local disk; on an object store (no locks) a view written by two evaluators at once may lack the
+other's newest record until the next one rewrites it. A line or file that is not valid JSON (a
+torn write by some other tool) is skipped with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
-import uuid
 from typing import Any
 
 from etils import epath
+
+from trainer.files import write_whole  # evals' writers use it from here
+
+
+# Keys that say how the evaluator runs, not what a record measures: not part of a record's key.
+OPERATIONAL = ("poll_seconds", "wandb_mode")
+
+
+def settings_hash(settings: dict[str, Any] | None) -> str:
+    """The key of the settings a record was made under ("" for records written without them)."""
+    if settings is None:
+        return ""
+    kept = {k: v for k, v in settings.items() if k not in OPERATIONAL}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key old -> new` for each setting both hold that differs (nested keys with dots), operational
+    keys aside."""
+    found = []
+    for key in sorted(set(old) & set(new)):
+        if key in OPERATIONAL:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return found
 
 
 class Ledger:
@@ -25,30 +59,32 @@ class Ledger:
         self.path = self.directory / "ledger.jsonl"
         self.steps_dir = self.directory / "steps"
 
-    def records(self) -> list[dict[str, Any]]:
-        """Every step's record in step order (from the step files; lines of an older ledger.jsonl
-        without step files count too)."""
-        by_step: dict[int, dict[str, Any]] = {}
+    def records(self, settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Every record in step order (from the step files; lines of an older ledger.jsonl without
+        step files count too); with `settings`, the records that match them."""
+        by_key: dict[tuple[int, str], dict[str, Any]] = {}
+        sources = []
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                record = _parse(line, self.path)
-                if record is not None:
-                    by_step[record["step"]] = record
+            sources += [(line, self.path) for line in self.path.read_text().splitlines()]
         if self.steps_dir.exists():
-            for path in self.steps_dir.glob("*.json"):
-                record = _parse(path.read_text(), path)
-                if record is not None:
-                    by_step[record["step"]] = record
-        return [by_step[step] for step in sorted(by_step)]
+            sources += [(path.read_text(), path) for path in self.steps_dir.glob("*.json")]
+        for text, where in sources:
+            record = _parse(text, where)
+            if record is not None:
+                by_key[record["step"], settings_hash(record.get("settings"))] = record
+        return [by_key[key] for key in sorted(by_key)
+                if settings is None or not differences(by_key[key].get("settings") or {}, settings)]
 
-    def steps(self) -> set[int]:
-        return {r["step"] for r in self.records()}
+    def steps(self, settings: dict[str, Any] | None = None) -> set[int]:
+        return {r["step"] for r in self.records(settings)}
 
     def append(self, record: dict[str, Any]) -> None:
-        """Records a step (once: a step already recorded is kept) and rewrites ledger.jsonl."""
+        """Records a step under its settings (once: a record already there is kept) and rewrites
+        ledger.jsonl."""
         self.steps_dir.mkdir(parents=True, exist_ok=True)
+        key = settings_hash(record.get("settings"))
         with _locked(self.directory):
-            step_file = self.steps_dir / f"{record['step']:012d}.json"
+            step_file = self.steps_dir / f"{record['step']:012d}{'-' + key if key else ''}.json"
             if not step_file.exists():
                 write_whole(step_file, json.dumps(record))
             write_whole(self.path, "".join(json.dumps(r) + "\n" for r in self.records()))
@@ -79,15 +115,3 @@ def _locked(directory: epath.Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def write_whole(path: epath.Path, content: str | bytes) -> None:
-    """Replaces a file so that readers see the old or the new content, never a part: an object
-    store publishes an object only once fully uploaded; a local file is renamed into place."""
-    write = "write_bytes" if isinstance(content, bytes) else "write_text"
-    if "://" in str(path):
-        getattr(path, write)(content)
-        return
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    getattr(tmp, write)(content)
-    tmp.replace(path)

@@ -31,10 +31,13 @@ def _headlines(harness: dict[str, Any]) -> dict[str, tuple[str, float]]:
 
 
 class Evaluator:
-    def __init__(self, run_dir: str, cfg: EvalConfig):
-        self.run_dir, self.cfg = run_dir, cfg
+    def __init__(self, run_dir: str, cfg: EvalConfig, force: bool = False):
+        """`force`: evaluate again, under these settings, steps recorded under other settings (a
+        second record per step) instead of refusing."""
+        self.run_dir, self.cfg, self.force = run_dir, cfg, force
         self.run_cfg = runs.load_config(run_dir)
         self.samplers, cfg.sampling = decoders.plan(cfg.samplers, cfg.sampling, self.run_cfg)
+        self.settings = dataclasses.asdict(cfg)  # what every record of this evaluator is keyed by
         self.manifest = runs.eval_data(self.run_cfg, cfg.data_path)
         self.tokenizer = runs.tokenizer(self.run_cfg.data.path, self.manifest)
         self.ids = data.special_ids(self.manifest)
@@ -93,9 +96,32 @@ class Evaluator:
             "arithmetic_data": self.cfg.harness.arithmetic_data})
 
     def pending(self) -> list[int]:
-        done = self.ledger.steps()
+        """Committed steps with no record under these settings. A step recorded under other settings
+        only is refused in one line, unless `force`: never evaluated or skipped in silence."""
         steps = [self.exported] if self.exported is not None else checkpointing.committed_steps(self.mngr)
-        return [s for s in steps if s not in done]
+        done, recorded = self.ledger.steps(self.settings), self.ledger.records()
+        todo = [s for s in steps if s not in done]
+        self.check_config(todo)
+        elsewhere = [s for s in todo if any(r["step"] == s for r in recorded)]
+        if elsewhere and not self.force:
+            other = next(r.get("settings") or {} for r in recorded if r["step"] == elsewhere[0])
+            changed = ", ".join(ledger.differences(other, self.settings)[:3])
+            raise RunError(f"step(s) {elsewhere} of {self.run_dir} were evaluated under other settings ({changed}): "
+                           f"pass --force to evaluate them again under these (recorded beside the first), or "
+                           f"evaluate with the earlier settings")
+        return todo
+
+    def check_config(self, steps: list[int]) -> None:
+        """The run's config.yaml must describe its checkpoints (an edited model key would make every
+        step unreadable): refused in one line before any evaluation, and nothing is recorded, since
+        a configuration problem is not a property of a step."""
+        if self.exported is not None or not steps:
+            return  # an export's weights are checked tensor by tensor as they load
+        params = state.abstract_state(self.run_cfg)["params"]
+        for step in steps:
+            checkpointing.check_shapes(self.mngr, step, params,
+                                       f"{self.run_dir}/config.yaml does not describe the run's checkpoints; "
+                                       f"restore the config it was trained with (nothing was evaluated)")
 
     def _model(self, step: int):
         """(graphdef, params) of `step`, or None when keep-last cleanup deleted it meanwhile."""
@@ -116,6 +142,7 @@ class Evaluator:
             model = self._model(step)
         except UnreadableStep as e:  # recorded, so that later steps are evaluated and this one not retried
             return {"step": step, "objective": self.run_cfg.objective.name, "error": f"unreadable checkpoint: {e}",
+                    "settings": self.settings, "settings_hash": ledger.settings_hash(self.settings),
                     "evaluated_at": _now()}
         if model is None:
             return None
@@ -128,7 +155,8 @@ class Evaluator:
             "checkpoint": str(source),
             "objective": self.run_cfg.objective.name,
             "perplexity": ppl,
-            "settings": dataclasses.asdict(self.cfg),
+            "settings": self.settings,
+            "settings_hash": ledger.settings_hash(self.settings),
         }
         seconds = {"restore": restore_seconds, "perplexity": time.perf_counter() - start - restore_seconds}
         if self.samplers:
@@ -194,10 +222,11 @@ class Evaluator:
         for task, metrics in result.get("harness", {}).get("scores", {}).items():
             flat.update({f"eval/harness/{task}/{k}": v for k, v in metrics.items() if v is not None})
         self.wandb.log(result["step"], flat)
-        ledger.write_whole(self.ledger.directory / "report.html", report.render(self.ledger.records(), self.run_dir))
+        ledger.write_whole(self.ledger.directory / "report.html",
+                           report.render(self.ledger.records(self.settings), self.run_dir))
 
     def once(self) -> int:
-        """Evaluates every committed, not yet evaluated step; returns how many."""
+        """Evaluates every committed step not yet evaluated under these settings; returns how many."""
         count = 0
         for step in self.pending():
             result = self.evaluate(step)
@@ -220,7 +249,7 @@ class Evaluator:
     def watch(self) -> None:
         """Evaluates checkpoints as they commit, until the run's final step has been evaluated."""
         final = self.run_cfg.train.steps
-        while final not in self.ledger.steps():
+        while final not in self.ledger.steps(self.settings):
             if not self.once():
                 time.sleep(self.cfg.poll_seconds)
 

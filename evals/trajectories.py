@@ -9,9 +9,11 @@ compiled program, and written as `{"question", "answer"}` rows (`.jsonl` or `.pa
 gs://): the question is the prompt's text, the answer the generated text up to its EOS. Rows are
 written in parts of `rows_per_part` prompts, each whole or not at all, so a killed job re-runs only
 its missing parts and gives the same rows as an uninterrupted one; `trajectories.json`, written
-last, records the model, step, sampler, settings and counts. Tokenize the rows with
-`python -m pipelines.preprocess --dataset dmax_trajectories --tokenizer RUN_DATA/tokenizer.json
---prompt_suffix ''` (text prompts) to train OPUT on them.
+last, records the model, step, sampler, settings, counts and each part's sha256, and every rerun
+checks the parts against it (a missing or altered part is made again; parts of other settings are
+refused). One job writes an output at a time (`OUTPUT/.lock`, like the trainer's run lock).
+Tokenize the rows with `python -m pipelines.preprocess --dataset dmax_trajectories --tokenizer
+RUN_DATA/tokenizer.json --prompt_suffix ''` (text prompts) to train OPUT on them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from tqdm import tqdm
 
 from evals import decoders, ledger, runs
 from evals.config import SamplingConfig
-from trainer import checkpointing, data, state
+from trainer import checkpointing, data, runlock, signals, state
 from trainer.config import check, load_into
 from trainer.errors import ConfigError, RunError, UserError
 
@@ -106,17 +108,62 @@ def _settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _write_rows(path: epath.Path, rows: list[dict], fmt: str) -> None:
+def _encode_rows(rows: list[dict], fmt: str) -> bytes:
     if fmt == "jsonl":
-        ledger.write_whole(path, "".join(json.dumps(r) + "\n" for r in rows))
-        return
+        return "".join(json.dumps(r) + "\n" for r in rows).encode()
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("question", pa.string()), ("answer", pa.string())])),
                    buffer)
-    ledger.write_whole(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _sha256(path: epath.Path) -> str | None:
+    """A file's sha256 (None: there is no such file)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def _read_record(path: epath.Path) -> dict | None:
+    """A JSON record this job wrote, or None where it is missing or damaged (then remade)."""
+    try:
+        record = json.loads(path.read_text()) if path.exists() else None
+    except ValueError:
+        record = None
+    if path.exists() and not isinstance(record, dict):
+        print(f"warning: {path} is damaged; it is made again")
+        return None
+    return record
+
+
+def part_matches(part: epath.Path, counts: epath.Path) -> bool:
+    """Whether a part file is the one its counts record describes (by sha256): else it is made again."""
+    recorded = _read_record(counts)
+    return recorded is not None and recorded.get("sha256") is not None and recorded["sha256"] == _sha256(part)
+
+
+def finished_index(out: epath.Path, tag: str) -> dict | None:
+    """The index (trajectories.json) of a finished job with these settings whose every part is there
+    as it lists it (count and sha256); None when there is no such index or a part must be made
+    again. Parts or an index of other settings are refused: one output holds one job's rows."""
+    index = _read_record(out / SIDECAR)
+    if index is not None and index.get("settings_hash") != tag:
+        raise ConfigError(f"{out} already holds trajectories made with other settings: choose another --output")
+    foreign = sorted(p.name for p in out.glob("part-*") if f"-{tag}." not in p.name)
+    if foreign:
+        raise ConfigError(f"{out} holds parts made with other settings ({foreign[0]}): remove them or choose "
+                          f"another --output")
+    if index is None:
+        return None
+    listed = index.get("parts", [])
+    altered = [p["file"] for p in listed if _sha256(out / p["file"]) != p["sha256"]]
+    unlisted = sorted({p.name for p in out.glob("part-*")} - {p["file"] for p in listed})
+    if altered or unlisted or not listed:
+        print(f"warning: {out} does not match its {SIDECAR} ({(altered or unlisted or ['no parts listed'])[0]}); "
+              f"the parts that differ are made again")
+        return None
+    return index
 
 
 def decode_part(part: list[Prompt], generate, key: jax.Array, batch_size: int, eos_id: int, gen_length: int,
@@ -151,7 +198,16 @@ def decode_part(part: list[Prompt], generate, key: jax.Array, batch_size: int, e
 
 
 def generate_trajectories(run_dir: str, output: str, cfg: TrajectoriesConfig) -> dict:
-    """Writes (or completes) the trajectories of `run_dir` into `output`; returns the sidecar."""
+    """Writes (or completes) the trajectories of `run_dir` into `output`; returns the sidecar. One job
+    writes an output at a time: two would leave parts of both behind one index."""
+    lock = runlock.RunLock(output, holder="a trajectories job", option="--output")
+    try:
+        return _generate(run_dir, output, cfg, lock)
+    finally:
+        lock.release()  # only a lock this job took
+
+
+def _generate(run_dir: str, output: str, cfg: TrajectoriesConfig, lock: runlock.RunLock) -> dict:
     run_cfg = runs.load_config(run_dir)
     path = cfg.data_path or run_cfg.data.path
     manifest = data.load_manifest(path)
@@ -181,16 +237,10 @@ def generate_trajectories(run_dir: str, output: str, cfg: TrajectoriesConfig) ->
     tag = _settings_hash(settings)
     out = epath.Path(output)
     sidecar = out / SIDECAR
-    if sidecar.exists():
-        existing = json.loads(sidecar.read_text())
-        if existing["settings_hash"] != tag:
-            raise ConfigError(f"{output} already holds trajectories made with other settings: choose another --output")
+    lock.acquire()
+    existing = finished_index(out, tag)
+    if existing is not None:
         return existing
-    out.mkdir(parents=True, exist_ok=True)
-    stale = [p.name for p in out.glob("part-*") if f"-{tag}." not in p.name]
-    if stale:
-        raise ConfigError(f"{output} holds parts of an unfinished job with other settings ({stale[0]}): "
-                          f"remove them or choose another --output")
 
     graphdef, params, _ = state.load_params(run_dir, step, run_cfg)
     key = jax.random.key(sampling_cfg.seed)
@@ -201,13 +251,16 @@ def generate_trajectories(run_dir: str, output: str, cfg: TrajectoriesConfig) ->
     for index, part in enumerate(tqdm(parts, desc="trajectories", unit="part", dynamic_ncols=True)):
         name = f"part-{index:05d}-of-{len(parts):05d}-{tag}.{cfg.format}"
         counts = out / f".{name}.counts.json"
-        if not (out / name).exists() or not counts.exists():
+        if not part_matches(out / name, counts):
             rows, dropped = decode_part(part, generate, jax.random.fold_in(key, index), cfg.batch_size, ids["eos"],
                                         sampling_cfg.gen_length, tokenizer, cfg.keep_unfinished)
-            ledger.write_whole(counts, json.dumps({"rows": len(rows), "dropped": dropped}))
-            _write_rows(out / name, rows, cfg.format)
+            content = _encode_rows(rows, cfg.format)
+            ledger.write_whole(counts, json.dumps({"rows": len(rows), "dropped": dropped,
+                                                   "sha256": hashlib.sha256(content).hexdigest()}))
+            ledger.write_whole(out / name, content)
+        lock.beat()
         recorded = json.loads(counts.read_text())
-        files.append(name)
+        files.append({"file": name, "rows": recorded["rows"], "sha256": recorded["sha256"]})
         rows_total += recorded["rows"]
         dropped_total = {k: dropped_total[k] + recorded["dropped"][k] for k in dropped_total}
     if not rows_total:
@@ -215,7 +268,8 @@ def generate_trajectories(run_dir: str, output: str, cfg: TrajectoriesConfig) ->
                           f"{sampling_cfg.gen_length} tokens; train the model longer or keep_unfinished=true")
     result = {"model": {"run_dir": str(run_dir), "step": step, "objective": run_cfg.objective.name,
                         "model": dataclasses.asdict(run_cfg.model)},
-              "sampler": names[0], "settings": settings, "settings_hash": tag, "files": files,
+              "sampler": names[0], "settings": settings, "settings_hash": tag,
+              "files": [part["file"] for part in files], "parts": files,
               "rows": rows_total, "dropped": dropped_total,
               "tokenizer_sha256": manifest["tokenizer"]["sha256"],
               "preprocess": f"--dataset dmax_trajectories --tokenizer {path}/tokenizer.json"
@@ -231,6 +285,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", help="Optional YAML of these settings")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. num_prompts=500 sampling.threshold=0.9")
     args = parser.parse_args(argv)
+    return signals.exit_status(lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         cfg = load_into(TrajectoriesConfig(), args.config, args.overrides)
         cfg.validate()

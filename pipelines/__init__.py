@@ -11,12 +11,14 @@ class _QuietExpectedBeamLogs(logging.Filter):
     - Beam's GCS module warns on import that BigQuery clients are absent; they come only
       with the [gcp] extra and this job never uses them.
     - The runner logs a failing DoFn's traceback; for our own JobFailure the launcher
-      already prints the one line that says what to fix.
+      already prints the one line that says what to fix, and for SIGINT or SIGTERM its exit status
+      (pipelines/signals.py).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("apitools not found") or JOB_FAILURE_PREFIX in message)
+        return not (message.startswith(("apitools not found", "KeyboardInterrupt", "pipelines.signals.Terminated"))
+                    or JOB_FAILURE_PREFIX in message)
 
 
 logging.getLogger().addFilter(_QuietExpectedBeamLogs())

@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
 from collections.abc import Iterator
+
+from pipelines import signals
 
 SEPARATOR = "<|endoftext|>"
 
@@ -125,15 +128,20 @@ def write_tinystories_layout(stories: Iterator[str], path: str) -> int:
     return count
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True, help="Text file to write.")
     parser.add_argument("--num_stories", type=int, default=5000, help="Distinct stories to write.")
     parser.add_argument("--seed", type=int, default=0, help="Generator seed.")
     args = parser.parse_args(argv)
+    return signals.exit_status(lambda: _write(args))
+
+
+def _write(args: argparse.Namespace) -> int:
     count = write_tinystories_layout(generate_stories(args.num_stories, args.seed), args.output)
     print(f"wrote {count} stories to {args.output}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

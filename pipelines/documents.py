@@ -54,6 +54,10 @@ def _as_text(value: Any, reason_if_missing: str, name: str) -> str:
             raise _Reject("invalid_utf8", str(e)) from None
     if not isinstance(value, str):
         raise _Reject(reason_if_missing, f"{name!r} is a {type(value).__name__}, not a string")
+    try:  # JSON escapes can spell lone surrogates ("\ud800"): text no tokenizer or hash can encode
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _Reject("invalid_text", str(e)) from None
     return value
 
 
@@ -96,7 +100,9 @@ def _raw_text(payload: Any) -> str:
         return payload.decode("utf-8", "backslashreplace")
     if isinstance(payload, MalformedJson):
         return payload.line.decode("utf-8", "backslashreplace")
-    return json.dumps(payload, ensure_ascii=False, sort_keys=True, default=repr)
+    # Lone surrogates cannot be written as UTF-8: they stay as the JSON escapes they came in as.
+    text = json.dumps(payload, ensure_ascii=False, sort_keys=True, default=repr)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def validate(

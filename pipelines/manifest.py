@@ -3,21 +3,22 @@
 It is written last, after every shard, the tokenizer and the dead letters are in place,
 so a directory without it is an unfinished job. `verify` checks a shard set against it:
 
-    python -m pipelines.manifest DIR            # every shard's sha256, size and record count
+    python -m pipelines.manifest DIR            # every shard's size, record count, sha256 and token ids
     python -m pipelines.manifest DIR --quick    # sizes and record counts only
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
 from typing import Any, NamedTuple
 
+import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
-from pipelines import records, storage
-from pipelines.tokenizer import sha256 as tokenizer_sha256
+from pipelines import records, signals, sources, storage, tokenizer
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -96,36 +97,85 @@ def load(directory: str) -> dict[str, Any]:
 
 
 def verify(directory: str, full: bool = True) -> list[str]:
-    """Problems found checking the shard set in `directory` against its manifest ([] = good):
-    sizes and record counts, and with `full` every shard's sha256 (flipped bytes keep the size)."""
+    """Problems found checking the dataset in `directory` against its manifest ([] = good), one line
+    each: the tokenizer's sha256 and ids, every shard's size and record count, and with `full` every
+    shard's sha256 (flipped bytes keep the size) and that each token id is below `vocab_size`."""
     path = storage.join(directory, MANIFEST)
     if not storage.exists(path):
         return [f"{path} is missing: the job did not finish"]
-    manifest = load(directory)
+    try:
+        manifest = load(directory)
+    except ValueError as e:
+        return [f"{path} is not valid JSON ({sources.first_line(e)}): re-run preprocess"]
     problems = []
     if manifest.get("format_version") != FORMAT_VERSION:
         problems.append(f"format_version {manifest.get('format_version')} != {FORMAT_VERSION}")
-    tokenizer = storage.read_bytes(storage.join(directory, TOKENIZER)).decode("utf-8")
-    if tokenizer_sha256(tokenizer) != manifest["tokenizer"]["sha256"]:
-        problems.append(f"{TOKENIZER} does not match the manifest's sha256")
+    problems += _tokenizer_problems(directory, manifest["tokenizer"])
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
-            shard_path = storage.join(directory, shard["file"])
-            if not storage.exists(shard_path):
-                problems.append(f"{shard['file']} is missing")
-                continue
-            reader = ArrayRecordReader(shard_path)
-            try:
-                count = reader.num_records()
-            finally:
-                reader.close()
-            if count != shard["num_records"]:
-                problems.append(
-                    f"{shard['file']} holds {count} records, manifest says {shard['num_records']}"
-                )
-            elif full and _sha256(shard_path) != shard["sha256"]:
-                problems.append(f"{shard['file']} does not match the manifest's sha256: it is corrupt")
+            problems += _shard_problems(storage.join(directory, shard["file"]), shard, manifest, full)
     return problems
+
+
+def _tokenizer_problems(directory: str, recorded: dict[str, Any]) -> list[str]:
+    try:
+        text = storage.read_bytes(storage.join(directory, TOKENIZER)).decode("utf-8")
+    except Exception as e:
+        return [f"{TOKENIZER} cannot be read: {sources.first_line(e)}"]
+    if tokenizer.sha256(text) != recorded["sha256"]:
+        return [f"{TOKENIZER} does not match the manifest's sha256"]
+    size = tokenizer.vocab_size(tokenizer.parse(text))
+    if size > recorded["vocab_size"]:  # older jobs counted tokens, which ids with gaps outrun
+        return [f"{TOKENIZER} has ids up to {size - 1} but the manifest's vocab_size is {recorded['vocab_size']}: "
+                f"re-run preprocess"]
+    return []
+
+
+def _shard_problems(path: str, shard: dict[str, Any], manifest: dict[str, Any], full: bool) -> list[str]:
+    name = shard["file"]
+    if not storage.exists(path):
+        return [f"{name} is missing"]
+    size = storage.size(path)
+    if size != shard["num_bytes"]:
+        return [f"{name} is {size:,} bytes, the manifest says {shard['num_bytes']:,}: it was truncated or appended to"]
+    try:
+        count = _num_records(path)
+    except Exception as e:
+        return [f"{name} cannot be read ({sources.first_line(e)}): it is corrupt"]
+    if count != shard["num_records"]:
+        return [f"{name} holds {count} records, manifest says {shard['num_records']}"]
+    if not full:
+        return []
+    if _sha256(path) != shard["sha256"]:
+        return [f"{name} does not match the manifest's sha256: it is corrupt"]
+    largest = _largest_id(path, count, manifest["record_schema"])
+    if largest >= manifest["tokenizer"]["vocab_size"]:
+        return [f"{name} holds token id {largest}, not below the manifest's vocab_size "
+                f"{manifest['tokenizer']['vocab_size']}: re-run preprocess"]
+    return []
+
+
+def _num_records(path: str) -> int:
+    reader = ArrayRecordReader(path)
+    try:
+        return reader.num_records()
+    finally:
+        reader.close()
+
+
+def _largest_id(path: str, count: int, schema: dict[str, Any], batch: int = 4096) -> int:
+    """The largest token id a shard stores (-1 when it stores none), read `batch` records at a time."""
+    dtype, header = np.dtype(schema["dtype"]).newbyteorder("<"), 4 * len(schema["fields"])
+    largest = -1
+    reader = ArrayRecordReader(path)
+    try:
+        for start in range(0, count, batch):
+            for record in reader.read(start, min(start + batch, count)):
+                ids = np.frombuffer(record, dtype, offset=header)
+                largest = max(largest, int(ids.max())) if len(ids) else largest
+    finally:
+        reader.close()
+    return largest
 
 
 def _sha256(path: str) -> str:
@@ -134,20 +184,22 @@ def _sha256(path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    quick = "--quick" in args
-    args = [a for a in args if a != "--quick"]
-    if len(args) != 1:
-        print("usage: python -m pipelines.manifest DIR [--quick]", file=sys.stderr)
-        return 2
-    problems = verify(args[0], full=not quick)
+    parser = argparse.ArgumentParser(prog="python -m pipelines.manifest",
+                                     description="Check a preprocessed dataset against its manifest.json.")
+    parser.add_argument("directory", help="A preprocess output (local or gs://)")
+    parser.add_argument("--quick", action="store_true", help="Sizes and record counts only (no hashing or decoding)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return signals.exit_status(lambda: _check(args.directory, args.quick))
+
+
+def _check(directory: str, quick: bool) -> int:
+    problems = verify(directory, full=not quick)
     for problem in problems:
         print(problem, file=sys.stderr)
     if not problems:
-        checked = "record counts" if quick else "sha256 and record counts"
-        print(f"{args[0]}: every shard matches its manifest ({checked})")
+        checked = "sizes and record counts" if quick else "sizes, record counts, sha256 and token ids"
+        print(f"{directory}: every shard matches its manifest ({checked})")
     return 1 if problems else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

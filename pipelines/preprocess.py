@@ -33,7 +33,7 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
-from pipelines import JOB_FAILURE_PREFIX, manifest, output, sources, storage, tokenizer
+from pipelines import JOB_FAILURE_PREFIX, manifest, output, signals, sources, storage, tokenizer
 from pipelines import config as config_lib
 from pipelines.config import PreprocessConfig
 from pipelines.documents import Document
@@ -167,7 +167,7 @@ def run(config: PreprocessConfig, beam_args: list[str]):
     output.check(config)
     units, sources_read = plan(config)
     staging = output.prepare(config)
-    target = config if staging is None else dataclasses.replace(config, output=staging)
+    target = config if staging is None else dataclasses.replace(config, output=staging.path)
     local = options.view_as(StandardOptions).runner in LOCAL_RUNNERS
     spill_dir = tempfile.mkdtemp(prefix="preprocess-spill-") if local else None
     try:
@@ -177,17 +177,20 @@ def run(config: PreprocessConfig, beam_args: list[str]):
         result.wait_until_finish()
     except BaseException:
         if staging is not None:  # the finished dataset in --output is untouched
-            if os.path.exists(os.path.join(staging, manifest.DEAD_LETTER)):
-                print(f"the failed job's dead letters are in {staging}/{manifest.DEAD_LETTER}; "
-                      f"{config.output} still holds the previous dataset")
+            os.close(staging.owner)  # the folder is abandoned: the next job on --output removes it
+            dead_letters = os.path.join(staging.path, manifest.DEAD_LETTER)
+            if os.path.exists(dead_letters) and os.path.getsize(dead_letters):  # bad records to read
+                print(f"the failed job's dead letters are in {staging.path}/{manifest.DEAD_LETTER} (removed when "
+                      f"the next job on {config.output} starts); {config.output} still holds the previous dataset")
             else:
-                shutil.rmtree(staging, ignore_errors=True)
+                shutil.rmtree(staging.path, ignore_errors=True)
         raise
     finally:
         if spill_dir is not None:
             shutil.rmtree(spill_dir, ignore_errors=True)
     if staging is not None:
-        output.replace_directory(staging, config.output)
+        output.release(staging)
+        output.replace_directory(staging.path, config.output)
     return result
 
 
@@ -224,6 +227,10 @@ def job_failure_message(error: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    return signals.exit_status(lambda: _preprocess(argv))
+
+
+def _preprocess(argv: list[str]) -> int:
     try:
         config, beam_args = config_lib.parse(argv)
         start = time.perf_counter()

@@ -87,7 +87,7 @@ class Tokenize(beam.DoFn):
         if tokenizer_json != self._json:
             self._tokenizer = tokenizer.parse(tokenizer_json)
             self._ids = tokenizer.special_ids(self._tokenizer, self._config.mask_token)
-            self._dtype = records.token_dtype(self._tokenizer.get_vocab_size(with_added_tokens=True))
+            self._dtype = records.token_dtype(tokenizer.vocab_size(self._tokenizer))
             self._json = tokenizer_json
 
     def process(self, batch: list[tuple[str, Document]], tokenizer_json: str):
@@ -193,7 +193,7 @@ def write_manifest(
     content = manifest.build(
         dataset=config.dataset,
         fields=documents.DATASET_FIELDS[config.dataset],
-        vocab_size=tok.get_vocab_size(with_added_tokens=True),
+        vocab_size=tokenizer.vocab_size(tok),
         tokenizer_sha256=tokenizer_sha,
         special_ids=tokenizer.special_ids(tok, config.mask_token)._asdict(),
         tokenizer_trained=config.tokenizer is None,

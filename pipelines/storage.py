@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import os
 import uuid
 from typing import BinaryIO
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+
+from pipelines import JOB_FAILURE_PREFIX
 
 _COPY_CHUNK = 8 << 20
 
@@ -18,6 +23,10 @@ def join(directory: str, name: str) -> str:
 
 def exists(path: str) -> bool:
     return FileSystems.exists(path)
+
+
+def size(path: str) -> int:
+    return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
 
 
 def open_binary(path: str) -> BinaryIO:
@@ -44,11 +53,28 @@ def _commit(staged: str, path: str) -> None:
         FileSystems.rename([staged], [path])
 
 
+@contextlib.contextmanager
+def _disk_full_as_job_failure(path: str, staged: str, size: int):
+    """No space left for a file the job writes: the partial file is removed and the job fails with one
+    line naming the file and its size."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        if staged != path:
+            with contextlib.suppress(OSError):
+                os.remove(staged)
+        raise RuntimeError(f"{JOB_FAILURE_PREFIX}no space left on the device writing {path} ({size:,} bytes "
+                           f"needed)") from None
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Writes `data` so that `path` is either absent or complete, never partial."""
     staged = _staging_name(path)
-    with FileSystems.create(staged, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(data)
+    with _disk_full_as_job_failure(path, staged, len(data)):
+        with FileSystems.create(staged, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.write(data)
     _commit(staged, path)
 
 
@@ -57,13 +83,14 @@ def copy_local_file_atomic(local_path: str, path: str) -> tuple[int, str]:
     staged = _staging_name(path)
     digest = hashlib.sha256()
     size = 0
-    with open(local_path, "rb") as src, FileSystems.create(
-        staged, compression_type=CompressionTypes.UNCOMPRESSED
-    ) as dst:
-        while chunk := src.read(_COPY_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-            dst.write(chunk)
+    with _disk_full_as_job_failure(path, staged, os.path.getsize(local_path)):
+        with open(local_path, "rb") as src, FileSystems.create(
+            staged, compression_type=CompressionTypes.UNCOMPRESSED
+        ) as dst:
+            while chunk := src.read(_COPY_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                dst.write(chunk)
     _commit(staged, path)
     return size, digest.hexdigest()
 

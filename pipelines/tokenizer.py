@@ -81,13 +81,14 @@ def special_ids(tokenizer: Tokenizer, mask_token: str | None = None, source: str
             f"{', '.join(_CANDIDATES['eos'])}); add one as a special token"
         )
     pad = find("pad")
-    ids = SpecialIds(pad=eos if pad is None else pad, bos=find("bos"), eos=eos, mask=mask)
-    size = tokenizer.get_vocab_size(with_added_tokens=True)
-    outside = {role: i for role, i in ids._asdict().items() if i is not None and not 0 <= i < size}
-    if outside:
-        raise UserError(f"tokenizer {source} has special ids outside its {size}-token vocabulary ({outside}): "
-                        f"add them as tokens of the vocabulary")
-    return ids
+    return SpecialIds(pad=eos if pad is None else pad, bos=find("bos"), eos=eos, mask=mask)
+
+
+def vocab_size(tokenizer: Tokenizer) -> int:
+    """The vocabulary a model needs: the largest id + 1. A tokenizer whose ids have gaps (a special
+    token removed) has fewer tokens than that, and counting them would size the embedding too small
+    for the ids it produces."""
+    return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
 
 def sha256(tokenizer_json: str) -> str:

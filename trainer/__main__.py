@@ -12,7 +12,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value, nested keys with dots (train.steps=100)")
     args = parser.parse_args(argv)
 
-    from trainer import hf, sharding, train  # after argparse: --help stays instant
+    from trainer import signals  # after argparse: --help stays instant
+
+    return signals.exit_status(lambda: _train(args))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trainer import hf, sharding, train
     from trainer import config as config_lib
     from trainer.errors import UserError
 

@@ -1,14 +1,20 @@
 """Saving and resuming training: orbax checkpoints, a Composite of the train state (params,
-optimizer, step, RNG) and Grain's iterator, and read-only views of a run's committed steps.
+optimizer, step, RNG), Grain's iterator and the loader settings that iterator state means something
+under, and read-only views of a run's committed steps.
 
 Only committed steps are listed by orbax (a step being written lives under a temporary
-name), so a restart always resumes from a complete state.
+name), so a restart always resumes from a complete state. Whatever is read back is checked against
+what reads it before it is used: the params' shapes against the config (from the checkpoint's
+metadata alone), the iterator state's step and loader settings against the run's.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import shutil
 from typing import Any
 
 import grain
@@ -18,6 +24,9 @@ from etils import epath
 
 from trainer.config import TrainConfig
 from trainer.errors import MismatchError, RunError, TopologyError
+from trainer.files import DiskFull, write_whole
+
+LOADER = "loader"  # the Composite item holding the loader settings and step of the iterator state
 
 
 def manager(run_dir: str, cfg: TrainConfig) -> ocp.CheckpointManager:
@@ -31,13 +40,49 @@ def manager(run_dir: str, cfg: TrainConfig) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(epath.Path(directory) / "checkpoints", options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any], iterator, force: bool = False):
-    """Saves asynchronously; a step already on disk (one that could not be restored) is replaced."""
+def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any], iterator, loader: dict[str, Any],
+         force: bool = False):
+    """Saves asynchronously; a step already on disk (one that could not be restored) is replaced.
+    `loader`: the settings the iterator state means something under (data.loader_settings)."""
     if step in mngr.all_steps():
         mngr.wait_until_finished()
         mngr.delete(step)
     mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)), force=force)
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator),
+        **{LOADER: ocp.args.JsonSave({**loader, "step": step})}), force=force)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether an error (or one it wraps: orbax and tensorstore re-raise) is ENOSPC."""
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _QuietDiskFull(logging.Filter):
+    """orbax logs every failed background write of a checkpoint with its traceback (and asyncio each
+    of its tasks' errors at exit); one that does not fit is reported once, in one line, by the trainer
+    (`disk_full`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ("No space left on device" in record.getMessage() or (error is not None and is_disk_full(error)))
+
+
+for _logger in ("absl", "asyncio"):
+    logging.getLogger(_logger).addFilter(_QuietDiskFull())
+
+
+def disk_full(run_dir: str, state: dict[str, Any]) -> DiskFull:
+    """The one-line error for a checkpoint that did not fit: where, how many bytes, how many free."""
+    needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    directory = epath.Path(run_dir) / "checkpoints"
+    free = "" if "://" in run_dir else f", {shutil.disk_usage(directory).free:,} free"
+    return DiskFull(f"no space left on the device saving a checkpoint to {directory} ({needed:,} bytes needed"
+                    f"{free}): free space or lower train.keep_last; the committed checkpoints are intact and "
+                    f"re-running resumes from the latest")
 
 
 def check_data_state(run_dir: str, data_order: int) -> None:
@@ -45,8 +90,8 @@ def check_data_state(run_dir: str, data_order: int) -> None:
     wrote it, so a run resumes only with the process count and data order it started with (devices
     per process and the mesh may change). The first start records both."""
     record = epath.Path(run_dir) / "checkpoints" / "processes.json"
-    if record.exists():
-        saved = json.loads(record.read_text())
+    saved = _read_record(record)
+    if saved is not None:
         if saved["process_count"] != jax.process_count():
             raise TopologyError(f"{run_dir} was trained by {saved['process_count']} process(es); its data-iterator "
                                 f"state cannot resume on {jax.process_count()}: use {saved['process_count']} "
@@ -57,26 +102,99 @@ def check_data_state(run_dir: str, data_order: int) -> None:
                                 f"start a new run_dir (train.init_from_run={run_dir} keeps its weights)")
     elif jax.process_index() == 0:
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"process_count": jax.process_count(), "data_order": data_order}))
+        write_whole(record, json.dumps({"process_count": jax.process_count(), "data_order": data_order}))
 
 
-def restore_latest(mngr: ocp.CheckpointManager, state: dict[str, Any], iterator) -> dict[str, Any] | None:
+def _read_record(path: epath.Path) -> dict[str, Any] | None:
+    """processes.json, or None where there is none yet. A damaged one (another tool's torn write) is
+    rewritten: each checkpoint's own loader record holds the same facts and is checked on restore."""
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        if isinstance(saved, dict) and isinstance(saved.get("process_count"), int):
+            return saved
+    except ValueError:
+        pass
+    print(f"warning: {path} is damaged; rewriting it (each checkpoint's loader record is checked instead)")
+    return None
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state: dict[str, Any], iterator,
+                   loader: dict[str, Any]) -> dict[str, Any] | None:
     """The latest readable committed state (the iterator is restored in place), or None for a fresh
     run. An unreadable step (a damaged file, or a read that failed) is reported and the step before
-    it is used; it stays on disk until the run saves that step again (`save` replaces it)."""
+    it is used; it stays on disk until the run saves that step again (`save` replaces it). A step
+    whose params do not fit `state` or whose iterator state was written under other `loader`
+    settings is refused in one line: it is readable, but not by this config."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     steps = sorted(mngr.all_steps(), reverse=True)
     for step in steps:
+        check_shapes(mngr, step, abstract["params"], "resume with the model the run was trained with or use a "
+                                                     "new run_dir")
+        recorded = (epath.Path(mngr.directory) / str(step) / LOADER).exists()  # older checkpoints have none
+        items = {"state": ocp.args.StandardRestore(abstract), "data": grain.checkpoint.CheckpointRestore(iterator),
+                 **({LOADER: ocp.args.JsonRestore()} if recorded else {})}
         try:
-            restored = mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator)))
+            restored = mngr.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax/tensorstore raise many kinds for a damaged file
             print(f"warning: checkpoint step {step} is unreadable ({first_line(e)}); trying the one before it")
             continue
+        if recorded:
+            check_loader(str(mngr.directory), restored[LOADER], int(restored["state"]["step"]), loader)
         return restored["state"]
     if steps:
         raise RunError(f"no checkpoint of {mngr.directory} is readable (steps {sorted(steps)} were damaged)")
     return None
+
+
+def check_loader(directory: str, saved: dict[str, Any], step: int, loader: dict[str, Any]) -> None:
+    """The iterator state resumes only at the step it was saved with and under the loader settings
+    that wrote it: another global batch, stream count, row length or dataset would read other rows."""
+    if saved.get("step") != step:
+        raise TopologyError(f"{directory}/{step}: its data-iterator state was saved at step {saved.get('step')}, "
+                            f"its train state at step {step}: the checkpoint was altered; remove step {step}")
+    for key, value in loader.items():
+        if saved.get(key) != value:
+            raise TopologyError(f"{directory}/{step}: its data-iterator state was saved with {key}={saved.get(key)}, "
+                                f"this run has {value}: resume with the settings and data it was saved with, or "
+                                f"start a new run_dir (train.init_from_run keeps the weights)")
+
+
+def param_shapes(mngr: ocp.CheckpointManager, step: int) -> dict[str, tuple[int, ...]] | None:
+    """Each parameter's shape in `step`'s checkpoint, read from its metadata alone (None: the
+    metadata is unreadable, which restoring the step reports)."""
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            tree = checkpointer.metadata(epath.Path(mngr.directory) / str(step) / "state").item_metadata
+        return shapes_by_name(tree["params"])
+    except Exception:  # a damaged file: the restore that follows reports it
+        return None
+
+
+def shapes_by_name(params: Any) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def shape_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> str | None:
+    """How a checkpoint's params differ from what a config describes (None: they agree)."""
+    for name in sorted(set(expected) | set(found)):
+        if name not in expected:
+            return f"holds params {name}, which the config has not"
+        if name not in found:
+            return f"lacks params {name}, which the config has"
+        if expected[name] != found[name]:
+            return f"holds params {name} of shape {found[name]}, the config gives {expected[name]}"
+    return None
+
+
+def check_shapes(mngr: ocp.CheckpointManager, step: int, abstract_params: Any, remedy: str) -> None:
+    """Refuses, in one line, a checkpoint whose params are not the ones the config describes."""
+    found = param_shapes(mngr, step)
+    problem = found is not None and shape_mismatch(shapes_by_name(abstract_params), found)
+    if problem:
+        raise MismatchError(f"checkpoint step {step} of {mngr.directory} {problem}: {remedy}")
 
 
 def first_line(error: BaseException) -> str:

@@ -19,8 +19,10 @@ from typing import Any
 import grain
 import numpy as np
 from etils import epath
+from tokenizers import Tokenizer
 
 from trainer import objectives, packing
+from trainer.checkpointing import first_line
 from trainer.config import Config, ModelConfig
 from trainer.errors import DataError
 
@@ -61,6 +63,10 @@ def check_dataset(path: str, manifest: dict[str, Any], model: ModelConfig, verif
     tokenizer_bytes = (epath.Path(path) / tok["file"]).read_bytes()
     if hashlib.sha256(tokenizer_bytes).hexdigest() != tok["sha256"]:
         raise DataError(f"{path}/{tok['file']} does not match the manifest's sha256: the dataset was altered")
+    largest = max(tokenizer_vocab(tokenizer_bytes.decode()).values())
+    if largest >= tok["vocab_size"]:  # older preprocess jobs counted tokens, which ids with gaps outrun
+        raise DataError(f"{path}/{tok['file']} has token ids up to {largest} but the manifest's vocab_size is "
+                        f"{tok['vocab_size']}: re-run preprocess (the vocabulary is the largest id + 1)")
     for split in ("train", "validation"):
         for shard in manifest["splits"][split]["shards"]:
             shard_path = str(epath.Path(path) / shard["file"])
@@ -80,6 +86,72 @@ def check_dataset(path: str, manifest: dict[str, Any], model: ModelConfig, verif
 
 def special_ids(manifest: dict[str, Any]) -> dict[str, int | None]:
     return manifest["tokenizer"]["special_ids"]
+
+
+def tokenizer_vocab(tokenizer_json: str) -> dict[str, int]:
+    """Every token of a tokenizer.json (added tokens included) and its id."""
+    return Tokenizer.from_str(tokenizer_json).get_vocab(with_added_tokens=True)
+
+
+class ShardSource:
+    """The records of a split's shards (Grain's ArrayRecordDataSource), checked as they are read: a
+    record that cannot be read, or that holds a token id the vocabulary lacks, is a one-line
+    DataError naming its shard, never a Riegeli traceback or an id silently clamped by the
+    embedding lookup."""
+
+    def __init__(self, path: str, manifest: dict[str, Any], split: str):
+        self._path, self._paths = path, shard_paths(path, manifest, split)
+        schema = manifest["record_schema"]
+        self._header, self._dtype = 4 * len(schema["fields"]), np.dtype(schema["dtype"]).newbyteorder("<")
+        self._vocab_size = manifest["tokenizer"]["vocab_size"]
+        try:
+            self._source = grain.sources.ArrayRecordDataSource(self._paths)
+        except Exception as e:
+            raise self._damaged(self._unreadable_shard(), e) from None
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> bytes:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[bytes]:
+        try:
+            records = self._source.__getitems__(indices)  # one call: the reads run in parallel
+        except Exception as e:
+            raise self._damaged(self._unreadable_record(indices, e), e) from None
+        for index, record in zip(indices, records):
+            ids = np.frombuffer(record, self._dtype, offset=self._header)
+            if len(ids) and int(ids.max()) >= self._vocab_size:
+                raise DataError(f"shard {self._shard_of(index)} holds token id {int(ids.max())}, past the manifest's "
+                                f"vocab_size {self._vocab_size}: the shard is damaged; check the dataset with "
+                                f"python -m pipelines.manifest {self._path}")
+        return records
+
+    def _damaged(self, shard: str, error: Exception) -> DataError:
+        return DataError(f"shard {shard} is damaged ({first_line(error)}): check the dataset with python -m "
+                         f"pipelines.manifest {self._path}, then re-run preprocess")
+
+    def _unreadable_shard(self) -> str:
+        for shard in self._paths:
+            try:
+                grain.sources.ArrayRecordDataSource([shard])
+            except Exception:
+                return shard
+        return ", ".join(self._paths)
+
+    def _unreadable_record(self, indices: list[int], error: Exception) -> str:
+        """The shard of the first record that fails alone (the batched read does not say which)."""
+        for index in indices:
+            try:
+                self._source[index]
+            except Exception:
+                return self._shard_of(index)
+        raise error
+
+    def _shard_of(self, index: int) -> str:
+        ends = np.cumsum([len(grain.sources.ArrayRecordDataSource([p])) for p in self._paths])
+        return self._paths[int(np.searchsorted(ends, index, side="right"))]
 
 
 class _Decode(grain.transforms.Map):
@@ -123,7 +195,7 @@ def shard_paths(path: str, manifest: dict[str, Any], split: str) -> list[str]:
 def documents(path: str, manifest: dict[str, Any], split: str) -> grain.MapDataset:
     """The split's documents in manifest order, each as {"tokens": int32 ids} (all fields joined)."""
     schema = manifest["record_schema"]
-    source = grain.sources.ArrayRecordDataSource(shard_paths(path, manifest, split))
+    source = ShardSource(path, manifest, split)
     return grain.MapDataset.source(source).map(_Decode(len(schema["fields"]), schema["dtype"]))
 
 
@@ -160,14 +232,14 @@ class _Chunks(grain.MapDataset):
 class _ReadAndPack(grain.experimental.MapWithIndexTransform):
     """A chunk of record indices -> its documents packed into rows ([R, seq_len] arrays)."""
 
-    def __init__(self, paths: list[str], schema: dict[str, Any], seq_len: int, seed: int | None, stream: int):
-        self._source = grain.sources.ArrayRecordDataSource(paths)
+    def __init__(self, source: ShardSource, schema: dict[str, Any], seq_len: int, seed: int | None, stream: int):
+        self._source = source
         self._header = 4 * len(schema["fields"])
         self._dtype = np.dtype(schema["dtype"]).newbyteorder("<")
         self._seq_len, self._seed, self._stream = seq_len, seed, stream
 
     def map_with_index(self, index: int, indices_N: np.ndarray) -> dict[str, np.ndarray]:
-        records = self._source.__getitems__(indices_N.tolist())  # one call: the reads run in parallel
+        records = self._source.__getitems__(indices_N.tolist())
         documents = [np.frombuffer(r, self._dtype, offset=self._header) for r in records]
         rng = None if self._seed is None else np.random.default_rng([self._seed, self._stream, index])
         return packing.pack(documents, self._seq_len, rng)
@@ -178,15 +250,15 @@ def packed_dataset(
     repeat: bool, process_index: int = 0, process_count: int = 1,
 ) -> grain.IterDataset:
     """Batches of {tokens, tokens_segment_ids, tokens_positions}, each [batch_size, seq_len] int32."""
-    paths = shard_paths(cfg.data.path, manifest, split)
-    ds = grain.MapDataset.range(len(grain.sources.ArrayRecordDataSource(paths)))
+    source = ShardSource(cfg.data.path, manifest, split)
+    ds = grain.MapDataset.range(len(source))
     if shuffle:
         ds = ds.shuffle(seed=cfg.seed)
     if repeat:
         ds = ds.repeat()
     ds = ds[process_index::process_count]  # record-level sharding after the global shuffle
     ds = _Chunks(ds, cfg.data.pack_documents).map_with_index(_ReadAndPack(
-        paths, manifest["record_schema"], cfg.data.seq_len, cfg.seed if shuffle else None, process_index))
+        source, manifest["record_schema"], cfg.data.seq_len, cfg.seed if shuffle else None, process_index))
     rows = ds.to_iter_dataset(read_options(cfg))
     return grain.experimental.RebatchIterDataset(rows, batch_size, drop_remainder=repeat)
 
@@ -260,6 +332,16 @@ def train_iterator(cfg: Config, manifest: dict[str, Any], process_index: int = 0
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=cfg.data.num_workers, per_worker_buffer_size=cfg.data.prefetch))
     return iter(ds)
+
+
+def loader_settings(cfg: Config, manifest: dict[str, Any], process_count: int = 1) -> dict[str, Any]:
+    """What a checkpointed iterator state means something under (saved with it, compared on resume):
+    the rows the loader builds, how many streams share a global batch, and the train shards read."""
+    shards = "".join(s["sha256"] for s in manifest["splits"]["train"]["shards"])
+    return {"train.global_batch": cfg.train.global_batch, "data.streams": cfg.data.streams or process_count,
+            "data.seq_len": cfg.data.seq_len, "data.pack_documents": cfg.data.pack_documents, "seed": cfg.seed,
+            "rows": objectives.get(cfg.objective.name).batch,
+            "train shards sha256": hashlib.sha256(shards.encode()).hexdigest()[:16]}
 
 
 def epochs_for(manifest: dict[str, Any], cfg: Config) -> float:

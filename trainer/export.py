@@ -6,7 +6,6 @@ index), a Llama/Qwen3 `config.json`, the run's `tokenizer.json`, and its `config
 """
 
 import argparse
-import shutil
 import sys
 
 from absl import flags
@@ -20,11 +19,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max_shard_mb", type=int, default=2048, help="Split weights into files of about this size")
     args = parser.parse_args(argv)
 
+    from trainer import signals
+
+    return signals.exit_status(lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> int:
     from etils import epath
 
-    from trainer import data, hf, state
+    from trainer import data, hf, objectives, state
     from trainer import config as config_lib
     from trainer.errors import RunError, UserError
+    from trainer.files import write_whole
 
     try:
         run = epath.Path(args.run_dir)
@@ -36,19 +42,17 @@ def main(argv: list[str]) -> int:
         ids = data.special_ids(manifest)
         extra = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"],
                  "mask_token_id": ids["mask"],
-                 "diffusion_lm": {"objective": cfg.objective.name, "step": step, "run_dir": args.run_dir}}
+                 "diffusion_lm": {"objective": cfg.objective.name, "step": step, "run_dir": args.run_dir,
+                                  "block_size": objectives.get(cfg.objective.name).block_size(cfg.objective)}}
         files = hf.export(params, cfg.model, args.output, extra, max_shard_bytes=args.max_shard_mb << 20)
+        out = epath.Path(args.output)
+        write_whole(out / "tokenizer.json", (epath.Path(cfg.data.path) / manifest["tokenizer"]["file"]).read_bytes())
+        write_whole(out / "config.yaml", config_lib.dump(cfg))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = epath.Path(args.output)
-    with (epath.Path(cfg.data.path) / manifest["tokenizer"]["file"]).open("rb") as src, \
-            (out / "tokenizer.json").open("wb") as dst:
-        shutil.copyfileobj(src, dst)
-    (out / "config.yaml").write_text(config_lib.dump(cfg))
     print(f"exported step {step} of {args.run_dir} to {args.output}: {', '.join(files)}, config.json, tokenizer.json")
     return 0
-
 
 if __name__ == "__main__":
     flags.FLAGS(sys.argv[:1])

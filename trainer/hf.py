@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 
 from trainer.config import ModelConfig
 from trainer.errors import UserError
+from trainer.files import write_whole
 from trainer.model import head_dim, kv_heads
 
 INDEX = "model.safetensors.index.json"
@@ -139,7 +140,9 @@ def _weight_files(directory: str) -> dict[str, str]:
 def load(directory: str, cfg: ModelConfig, abstract_params: Any, shardings: Any) -> Any:
     """Params read tensor by tensor, each placed straight onto its sharding (only the local shards
     are materialised, so a checkpoint larger than one host can load across a slice). Rows the
-    vocabulary has beyond the checkpoint's (a new mask token) start from the mean embedding."""
+    vocabulary has beyond the checkpoint's (a new mask token) start from the mean embedding; rows the
+    checkpoint has beyond the vocabulary (padding its tokenizer never produces: the trainer checks
+    the tokenizers first) are dropped."""
     files = _weight_files(directory)
     params = jax.tree.map(lambda x: None, abstract_params)
     for path, name, transpose in tensor_names(cfg):
@@ -152,7 +155,7 @@ def load(directory: str, cfg: ModelConfig, abstract_params: Any, shardings: Any)
             raise WeightsError(f"cannot read tensor {name} from {files[name]}: {str(e).splitlines()[0]}") from None
         array = np.asarray(array.T if transpose else array, dtype=np.float32)
         target = _get(abstract_params, path)
-        array = _grow_vocab(array, target.shape, name, path)
+        array = _fit_vocab(array, target.shape, path)
         if array.shape != target.shape:
             raise WeightsError(f"tensor {name} has shape {array.shape[::-1] if transpose else array.shape}, "
                                f"the model needs {target.shape[::-1] if transpose else target.shape}")
@@ -161,10 +164,12 @@ def load(directory: str, cfg: ModelConfig, abstract_params: Any, shardings: Any)
     return params
 
 
-def _grow_vocab(array: np.ndarray, shape: tuple, name: str, path: tuple) -> np.ndarray:
+def _fit_vocab(array: np.ndarray, shape: tuple, path: tuple) -> np.ndarray:
     axis = {("embed", "embedding"): 0, ("head", "kernel"): 1}.get(path)
-    if axis is None or array.ndim != 2 or array.shape[axis] >= shape[axis]:
+    if axis is None or array.ndim != 2 or array.shape[axis] == shape[axis]:
         return array
+    if array.shape[axis] > shape[axis]:
+        return np.take(array, np.arange(shape[axis]), axis=axis)
     extra = shape[axis] - array.shape[axis]
     mean = array.mean(axis=axis, keepdims=True)
     return np.concatenate([array, np.repeat(mean, extra, axis=axis)], axis=axis)
@@ -195,7 +200,7 @@ def export(params: Any, cfg: ModelConfig, directory: str, extra_config: dict[str
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
                  "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
-        (out / INDEX).write_text(json.dumps(index, indent=2))
+        write_whole(out / INDEX, json.dumps(index, indent=2))
     kind = "qwen3" if cfg.qk_norm else "llama"
     hf_config = {
         "architectures": [ARCHITECTURES[kind]], "model_type": kind, "hidden_size": cfg.hidden,
@@ -205,7 +210,7 @@ def export(params: Any, cfg: ModelConfig, directory: str, extra_config: dict[str
         "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "attention_bias": False,
         "torch_dtype": "float32", **extra_config,
     }
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    write_whole(out / "config.json", json.dumps(hf_config, indent=2))
     return files
 
 

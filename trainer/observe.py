@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
+from trainer.files import write_whole
+
 # Dense bf16 peak FLOP/s of accelerators whose spec sheet we trust; others are measured.
 _KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5": 197e12, "TPU v4": 275e12}
 
@@ -52,7 +54,7 @@ class MetricsLog:
                     continue
                 if step is not None and step <= resume_step:
                     self._lines.append(line)
-        self._path.write_text("".join(line + "\n" for line in self._lines))
+        write_whole(self._path, "".join(line + "\n" for line in self._lines))
         # Object stores (gs://) cannot append: there each write replaces the whole file.
         self._append = "://" not in str(self._path)
 
@@ -63,7 +65,7 @@ class MetricsLog:
             with self._path.open("a") as f:
                 f.write(line + "\n")
         else:
-            self._path.write_text("".join(x + "\n" for x in self._lines))
+            write_whole(self._path, "".join(x + "\n" for x in self._lines))
 
 
 class Wandb:

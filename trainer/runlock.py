@@ -1,11 +1,12 @@
-"""RUN/.lock: one trainer per run directory.
+"""DIR/.lock: one writer per output directory (a trainer's run directory, a trajectories job's output).
 
-The lock names its holder (host, pid, start) and carries a heartbeat the trainer renews as it
-logs. A second trainer on the same run directory refuses in one line naming the holder. A lock
+The lock names its holder (host, pid, start) and carries a heartbeat the holder renews as it
+works. A second writer on the same directory refuses in one line naming the holder. A lock
 whose holder is gone is taken over with a warning: on the same host once its process no longer
 runs, from another host once its heartbeat is older than `stale_after` seconds. On local disk the
-lock is created exclusively (O_EXCL); on gs:// it is written and read back, which two trainers
-started within the same moment can both pass (object stores offer no exclusive create here).
+lock is created exclusively (O_EXCL) and renewed by a rename; on gs:// it is written and read back,
+which two writers started within the same moment can both pass (object stores offer no exclusive
+create here).
 """
 
 from __future__ import annotations
@@ -19,18 +20,22 @@ import uuid
 from etils import epath
 
 from trainer.errors import UserError
+from trainer.files import write_whole
 
 LOCK = ".lock"
 
 
 class RunLocked(UserError):
-    """Another live trainer holds the run directory: one line, exit code 2."""
+    """Another live writer holds the directory: one line, exit code 2."""
 
 
 class RunLock:
-    def __init__(self, run_dir: str, stale_after: float = 600.0):
-        self._path = epath.Path(run_dir) / LOCK
+    def __init__(self, directory: str, stale_after: float = 600.0, holder: str = "the trainer",
+                 option: str = "run_dir"):
+        """`holder` names the kind of writer in messages, `option` the flag that chooses the directory."""
+        self._path = epath.Path(directory) / LOCK
         self._stale_after = stale_after
+        self._holder, self._option = holder, option
         self._token = uuid.uuid4().hex
         self._record = {"host": socket.gethostname(), "pid": os.getpid(), "token": self._token,
                         "started": time.time()}
@@ -41,14 +46,14 @@ class RunLock:
             return
         holder = self._read()
         if holder is not None and self._alive(holder):
-            raise RunLocked(f"{self._path.parent} is in use by the trainer with pid {holder['pid']} on "
+            raise RunLocked(f"{self._path.parent} is in use by {self._holder} with pid {holder['pid']} on "
                             f"{holder['host']} (started {time.ctime(holder['started'])}); stop it or use "
-                            f"another run_dir")
+                            f"another {self._option}")
         who = f"pid {holder['pid']} on {holder['host']}" if holder else "an unreadable lock"
         print(f"warning: taking over the run lock of {who}, which is no longer running")
         self._path.unlink(missing_ok=True)
         if not self._create():
-            raise RunLocked(f"{self._path.parent} was locked by another trainer while this one started")
+            raise RunLocked(f"{self._path.parent} was locked by another writer while this one started")
 
     def beat(self) -> None:
         """Renews the heartbeat (a lock that stops beating goes stale for other hosts)."""
@@ -60,7 +65,7 @@ class RunLock:
             self._path.unlink(missing_ok=True)
 
     def _write(self) -> None:
-        self._path.write_text(json.dumps({**self._record, "heartbeat": time.time()}))
+        write_whole(self._path, json.dumps({**self._record, "heartbeat": time.time()}))
 
     def _create(self) -> bool:
         """Creates the lock unless one exists; True when this trainer holds it."""

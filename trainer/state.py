@@ -72,4 +72,12 @@ def load_params(run_dir: str, step: int | None = None, cfg: Config | None = None
     if step not in steps:
         raise RunError(f"{run_dir} has no committed checkpoint{'' if step is None else f' at step {step}'} "
                        f"(committed: {steps})")
-    return Weights(model_graphdef(cfg), checkpointing.restore_params(mngr, step, abstract_state(cfg)), step)
+    abstract = abstract_state(cfg)
+    checkpointing.check_shapes(mngr, step, abstract["params"], f"{run_dir}/config.yaml does not describe the run's "
+                                                               f"checkpoints; restore the config it was trained with")
+    try:
+        params = checkpointing.restore_params(mngr, step, abstract)
+    except Exception as e:  # orbax/tensorstore raise many kinds for a damaged file
+        raise RunError(f"checkpoint step {step} of {run_dir} cannot be read ({checkpointing.first_line(e)}): choose "
+                       f"another step") from None
+    return Weights(model_graphdef(cfg), params, step)

@@ -26,10 +26,11 @@ from trainer import attention, checkpointing, data, hf, objectives, observe, run
 from trainer import state as state_lib
 from trainer import config as config_lib
 from trainer.config import Config, dump, to_dict
-from trainer.errors import MismatchError
+from trainer.errors import DataError, MismatchError
+from trainer.files import write_whole
 from trainer.model import param_count, train_flops_per_token
 
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143: what schedulers expect from a preempted job (SIGINT: 130)
 
 
 class NonFiniteLoss(Exception):
@@ -65,20 +66,22 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: Config, mask_id: int, tx: optax
         sum_shapes = jax.eval_shape(lambda: summed_loss(state["params"], jax.tree.map(lambda x: x[0], xs[0]),
                                                         xs[1][0])[1][1])
         zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sum_shapes)
-        (grads, total, count, sums), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0, zero_sums), xs)
-        count = jnp.maximum(count, 1)
+        (grads, total, tokens, sums), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0, zero_sums), xs)
+        count = jnp.maximum(tokens, 1)
         grads = jax.tree.map(lambda g: g / count, grads)  # exactly the full-batch mean
         value = total / count
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        # Under either nan_policy a non-finite update is never applied.
+        # Under either nan_policy a non-finite update is never applied, nor the update of a batch with
+        # no token carrying loss (weight decay alone would move the params; the host refuses such a batch).
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        applied = finite & (tokens > 0)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)  # noqa: E731
         params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
         metrics = {"loss": value, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite,
-                   **objective.report(sums)}
+                   "tokens": tokens, **objective.report(sums)}
         return new_state, metrics
 
     if shardings is None:
@@ -124,21 +127,58 @@ def check_init_source(cfg: Config, manifest: dict[str, Any]) -> None:
     if data.tokenizer_sha(other.data.path) not in (None, manifest["tokenizer"]["sha256"]):
         raise MismatchError(f"train.init_from_run {source} was trained with another tokenizer than {cfg.data.path}: "
                             f"preprocess with --tokenizer {other.data.path}/tokenizer.json")
-    theirs, ours = (objectives.get(c.objective.name).block_size(c.objective) for c in (other, cfg))
+    _check_blocks(f"train.init_from_run {source}", objectives.get(other.objective.name).block_size(other.objective),
+                  cfg)
+
+
+def _check_blocks(source: str, theirs: int | None, cfg: Config) -> None:
+    ours = objectives.get(cfg.objective.name).block_size(cfg.objective)
     if None not in (theirs, ours) and theirs != ours:  # decoding blocks are what the model learned
-        raise MismatchError(f"train.init_from_run {source} was trained with objective.block_size={theirs}, "
-                            f"this run has {ours}")
+        raise MismatchError(f"{source} was trained with objective.block_size={theirs}, this run has {ours}")
+
+
+def check_init_weights(cfg: Config, manifest: dict[str, Any]) -> None:
+    """model.init_from must hold weights for this run's tokenizer (its tokenizer.json gives every token
+    the id the dataset's does), mask token and (weights exported from block diffusion) block size:
+    anything else fails here in one line, before any write, as train.init_from_run does."""
+    source = cfg.model.init_from
+    ids = data.special_ids(manifest)
+    theirs = hf.read_config(source)
+    if theirs.get("mask_token_id") not in (None, ids["mask"]):
+        raise MismatchError(f"model.init_from {source} was trained with mask_token_id={theirs['mask_token_id']}, "
+                            f"the dataset {cfg.data.path} masks with id {ids['mask']}")
+    _check_blocks(f"model.init_from {source}", theirs.get("diffusion_lm", {}).get("block_size"), cfg)
+    tokenizer = epath.Path(source) / "tokenizer.json"
+    if not tokenizer.exists():  # nothing tells the weights' padding rows from their tokens
+        if cfg.model.vocab_size < int(theirs["vocab_size"]):
+            raise MismatchError(f"model.vocab_size {cfg.model.vocab_size} is smaller than vocab_size "
+                                f"{theirs['vocab_size']} of {source}, which has no tokenizer.json: preprocess with "
+                                f"that model's tokenizer")
+        print(f"warning: model.init_from {source} has no tokenizer.json: cannot check that {cfg.data.path} was "
+              f"tokenized with the weights' tokenizer")
+        return
+    ours = data.tokenizer_vocab((epath.Path(cfg.data.path) / manifest["tokenizer"]["file"]).read_text())
+    for token, token_id in data.tokenizer_vocab(tokenizer.read_text()).items():
+        if ours.get(token) != token_id:
+            raise MismatchError(f"model.init_from {source} has another tokenizer than {cfg.data.path} (its token "
+                                f"{token!r} is id {token_id}, the dataset's {ours.get(token)}): preprocess with "
+                                f"--tokenizer {tokenizer}")
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step."""
+    """Turns SIGTERM and SIGINT into a flag the loop checks after each step; `restore` puts the
+    handlers back."""
 
     def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.requested = 0  # the signal that asked the run to stop (0: none)
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.requested = signum
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def run(cfg: Config) -> int:
@@ -147,11 +187,10 @@ def run(cfg: Config) -> int:
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = manifest["tokenizer"]["vocab_size"]
     if cfg.model.init_from:
-        weights_vocab = hf.resolve_model(cfg.model, cfg.model.init_from)
-        if cfg.model.vocab_size < weights_vocab:
-            raise hf.WeightsError(f"model.vocab_size {cfg.model.vocab_size} is smaller than vocab_size "
-                                  f"{weights_vocab} of {cfg.model.init_from}: use that model's tokenizer")
+        hf.resolve_model(cfg.model, cfg.model.init_from)
     data.check_dataset(cfg.data.path, manifest, cfg.model, cfg.data.verify)
+    if cfg.model.init_from:
+        check_init_weights(cfg, manifest)
     if cfg.train.init_from_run:
         check_init_source(cfg, manifest)
     check_resume(cfg)
@@ -171,7 +210,6 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None) 
     run_dir = epath.Path(cfg.run_dir)
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump(cfg))
 
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.parse_rules(cfg.mesh.rules)
     rows = sharding.batch_sharding(mesh, rules)
@@ -180,13 +218,16 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None) 
     iterator = data.train_iterator(cfg, manifest, jax.process_index(), jax.process_count())
     mngr = checkpointing.manager(cfg.run_dir, cfg.train)
     checkpointing.check_data_state(cfg.run_dir, data.DATA_ORDER)
-    restored = checkpointing.restore_latest(mngr, state, iterator)  # onto this run's mesh, whatever saved it
+    loader = data.loader_settings(cfg, manifest, jax.process_count())
+    restored = checkpointing.restore_latest(mngr, state, iterator, loader)  # onto this mesh, whatever saved it
     if restored is not None:
         state = restored
     elif cfg.train.init_from_run:
         state["params"] = checkpointing.params_of_run(cfg.train.init_from_run, state)
     elif cfg.model.init_from:
         state["params"] = hf.load(cfg.model.init_from, cfg.model, state["params"], shardings["params"])
+    if lead:  # after every check of what the run's own files say: a refused resume leaves them as they were
+        write_whole(run_dir / "config.yaml", dump(cfg))
     start = int(state["step"])
     train_step = make_train_step(state_lib.model_graphdef(cfg), cfg, mask_id, tx, schedule, shardings, rows)
 
@@ -209,7 +250,7 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None) 
               f"{jax.process_count()} process(es); MFU vs {peak / 1e9:.0f} GFLOP/s ({peak_source})"
               + (f"; XLA_FLAGS {os.environ.get('XLA_FLAGS', '')}" if jax.default_backend() == "gpu" else ""))
 
-    save = functools.partial(checkpointing.save, mngr)
+    save = functools.partial(checkpointing.save, mngr, loader=loader)
     # In logs (no TTY) a redraw every few seconds instead of a carriage-return flood.
     bar = tqdm(total=cfg.train.steps, initial=start, desc="train", dynamic_ncols=True, disable=not lead,
                mininterval=0.1 if sys.stderr.isatty() else 15)
@@ -217,17 +258,23 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None) 
     saved = start if restored is not None else None  # the step whose state is on disk
     try:
         for step in range(start, cfg.train.steps):
-            if preemption.requested:
+            stop = preemption.requested
+            if stop:
                 if saved != step:  # the step just checkpointed needs no second save
                     save(step, state, iterator, force=True)
                 mngr.wait_until_finished()
-                print(f"preempted: checkpoint saved at step {step}")
-                return PREEMPTED_EXIT_CODE
+                print(f"stopped by {signal.Signals(stop).name}: checkpoint saved at step {step}")
+                return 128 + stop
             batch = next(iterator)
             window_tokens += real_tokens(batch) * jax.process_count()
             state, metrics = train_step(state, sharding.global_batch(batch, rows))
             done = step + 1
             value = float(metrics["loss"])
+            if not int(metrics["tokens"]):
+                mngr.wait_until_finished()
+                raise DataError(f"step {done}: the batch holds no token that carries loss, so it was not trained "
+                                f"on: the train shards or the data-iterator state are damaged; check the data with "
+                                f"python -m pipelines.manifest {cfg.data.path}")
             if not bool(metrics["finite"]):
                 what = f"loss {value}, gradient norm {float(metrics['grad_norm'])}"
                 if cfg.train.nan_policy == "stop":
@@ -255,8 +302,14 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None) 
                 save(done, state, iterator, force=done == cfg.train.steps)
                 saved = done
         mngr.wait_until_finished()
+    except Exception as e:
+        if checkpointing.is_disk_full(e):
+            raise checkpointing.disk_full(cfg.run_dir, state) from None
+        raise
     finally:
+        preemption.restore()
         bar.close()
         mngr.close()
         wandb.finish()
     return 0
+
