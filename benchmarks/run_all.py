@@ -19,12 +19,14 @@ BENCHMARKS = {  # name: (script, full-size args, --quick args)
     "preprocess": ("preprocess.py", [], ["--stories", "10000"]),
     "train_step": ("train_step.py", [], ["--steps", "2"]),
     "decoding": ("decoding.py", [], ["--steps", "60", "--oput_steps", "20", "--prompts", "64", "--seeds", "2",
-                                     "--eval_prompts", "4"]),
-    "decoding_shared": ("decoding.py", ["--corpus", "shared", "--svg", "benchmarks/frontier_shared.svg"],
-                        ["--corpus", "shared", "--steps", "60", "--oput_steps", "20", "--prompts", "64",
-                         "--seeds", "2", "--eval_prompts", "4", "--svg", "benchmarks/frontier_shared.svg"]),
+                                     "--eval_prompts", "8"]),
+    "decoding_shared": ("decoding.py", ["--corpus", "shared", "--no-ablation", "--svg",
+                                        "benchmarks/frontier_shared.svg"],
+                        ["--corpus", "shared", "--no-ablation", "--steps", "60", "--oput_steps", "20", "--prompts",
+                         "64", "--seeds", "2", "--eval_prompts", "8", "--svg", "benchmarks/frontier_shared.svg"]),
     "quality": ("quality.py", [], ["--steps", "60"]),
     "oput": ("oput.py", [], ["--base_steps", "150", "--tune_steps", "60"]),
+    "harness_levels": ("harness_levels.py", [], ["--steps", "100", "--docs", "10"]),
 }
 
 

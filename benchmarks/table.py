@@ -151,8 +151,16 @@ def oput(r: dict) -> list[Row]:
     ]
 
 
+def harness_levels(r: dict) -> list[Row]:
+    """The harness's diffusion loglikelihood per number of noise levels K."""
+    return [(f"harness loglikelihood, {model}, K = {key[2:]} noise levels ({r[model]['requests']} cloze requests)",
+             f"stderr {row['mean_stderr_nats']} nats, {row['seconds']} s", "choice at K = 256",
+             f"{row['agrees_with_K_256']} agree")
+            for model in ("bd3lm", "mdlm") for key, row in r[model].items() if key.startswith("K_")]
+
+
 RENDER = {"preprocess": preprocess, "train_step": train_step, "decoding": decoding, "decoding_shared": decoding,
-          "quality": quality, "oput": oput}
+          "quality": quality, "oput": oput, "harness_levels": harness_levels}
 
 
 def render(latest: dict) -> str:
