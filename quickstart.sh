@@ -3,7 +3,7 @@
 # sample corpus -> Beam preprocessing -> DMax's recipe (recipes/dmax.sh: block-diffusion
 # pretraining, an AR judge, self-generated trajectories, OPUT, evals with SPD). Re-running resumes.
 # Knobs (environment): RUN (output folder), STORIES, and the recipe's BASE_STEPS, JUDGE_STEPS,
-# PROMPTS, OPUT_STEPS, TRAIN_ARGS, TRAJ_ARGS and EVAL_ARGS (the end-to-end test shrinks the run).
+# PROMPTS, OPUT_STEPS, TRAIN_ARGS, TRAJ_ARGS, EVAL_ARGS and HARNESS_ARGS (the end-to-end test shrinks the run).
 set -euo pipefail
 cd "$(dirname "$0")"
 STARTED=$SECONDS

@@ -6,7 +6,8 @@
 # Environment: DATA (a preprocess output, required), RUN (output folder), BASE_STEPS, JUDGE_STEPS,
 # PROMPTS (trajectories), TRAJ_VALIDATION (their validation share), OPUT_STEPS, BASE_CONFIG /
 # JUDGE_CONFIG / OPUT_CONFIG (configs/*.yaml), TRAIN_ARGS (key=value for all three trainings),
-# TRAJ_ARGS, EVAL_ARGS, EVALS=0 (skip the last stage).
+# TRAJ_ARGS, EVAL_ARGS, HARNESS_ARGS (the lm-evaluation-harness task the evals run on each checkpoint;
+# '' for none: it needs the harness extra), EVALS=0 (skip the last stage).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -22,6 +23,7 @@ OPUT_CONFIG=${OPUT_CONFIG:-configs/tinystories_tiny_oput.yaml}
 read -r -a TRAIN_EXTRA <<< "${TRAIN_ARGS:-}"
 read -r -a TRAJ_EXTRA <<< "${TRAJ_ARGS:-}"
 read -r -a EVAL_EXTRA <<< "${EVAL_ARGS:-}"
+read -r -a HARNESS_EXTRA <<< "${HARNESS_ARGS-harness.tasks=tinystories_cloze harness.limit=100}"
 
 train() {  # run_dir config steps [key=value ...]: resumes from its last checkpoint
   local run_dir=$1 config=$2 steps=$3
@@ -52,7 +54,7 @@ for run in base oput; do
   reference=()
   [ "$run" = oput ] && reference=(reference_run_dir="$RUN/base")
   "$PY" -m evals --run_dir "$RUN/$run" --once gen_ppl_run_dir="$RUN/judge" data_path="$DATA" wandb_mode=offline \
-    ${reference[@]+"${reference[@]}"} ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"}
+    ${reference[@]+"${reference[@]}"} ${HARNESS_EXTRA[@]+"${HARNESS_EXTRA[@]}"} ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"}
 done
 echo "== what the recipe measured (python -m evals.summary; [90% intervals over the prompts])"
 "$PY" -m evals.summary "$RUN/base" "$RUN/oput"

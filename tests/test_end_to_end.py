@@ -71,6 +71,8 @@ def test_readme_first_command_end_to_end(tmp_path):
     assert reference["run_dir"] == f"{run}/base" and reference["step"] == 40 and reference["sampler"] == "one_token"
     assert reference["gen_ppl"] == base["samplers"]["one_token"]["gen_ppl"]
     assert f"{run}/oput step 10 (oput)" in result.stdout and "x reference" in result.stdout  # the printed summary
+    cloze = base["harness"]["scores"]["tinystories_cloze"]  # one harness task on every checkpoint, in the report
+    assert 0 <= cloze["acc,none"] <= 1 and "tinystories_cloze" in (run / "base" / "evals" / "report.html").read_text()
 
 
 @pytest.mark.slow
