@@ -1,6 +1,9 @@
 """Runs every benchmark and writes one JSON summary (the README's figures come from it).
 
-    python benchmarks/run_all.py [--out benchmarks/latest.json] [--quick]
+    python benchmarks/run_all.py [--out benchmarks/latest.json] [--quick] [--only NAME[,NAME]]
+
+`--only` reruns the named benchmarks and keeps the file's other results as they were; each result
+records when it ran.
 """
 
 from __future__ import annotations
@@ -34,14 +37,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(HERE, "latest.json"), help="Where to write the summary.")
     parser.add_argument("--quick", action="store_true", help="Smaller inputs: minutes instead of tens of minutes.")
+    parser.add_argument("--only", help="Comma-separated benchmarks to rerun; the others keep their results.")
     args = parser.parse_args()
+    only = args.only.split(",") if args.only else list(BENCHMARKS)
+    unknown = [name for name in only if name not in BENCHMARKS]
+    if unknown:
+        sys.exit(f"error: --only {','.join(unknown)}: not a benchmark (known: {', '.join(BENCHMARKS)})")
+    previous = json.load(open(args.out)) if os.path.exists(args.out) else {}
     summary = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": _now(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}",
         "quick": args.quick,
-        "results": {},
+        "results": {name: previous.get("results", {}).get(name) for name in BENCHMARKS if name not in only},
     }
-    for name, (script, full, quick) in BENCHMARKS.items():
+    for name, (script, full, quick) in ((n, BENCHMARKS[n]) for n in only):
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             command = [sys.executable, os.path.join(HERE, script), *(quick if args.quick else full), "--out", out.name]
             print(f"== {name}: {' '.join(command[1:])}", flush=True)
@@ -51,15 +60,18 @@ def main() -> None:
                 continue
             summary["results"][name] = {
                 "command": " ".join(["python", os.path.relpath(command[1], os.path.dirname(HERE)), *command[2:-2]]),
-                **json.load(open(out.name))}
-    if os.path.exists(args.out):  # accelerator figures come from benchmarks/device.sh on another machine
-        device = json.load(open(args.out)).get("device")
-        if device:
-            summary["device"] = device
+                "date": _now(), **json.load(open(out.name))}
+    summary["results"] = {name: summary["results"][name] for name in BENCHMARKS if summary["results"].get(name)}
+    if previous.get("device"):  # accelerator figures come from benchmarks/device.sh on another machine
+        summary["device"] = previous["device"]
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)
         f.write("\n")
     print(json.dumps(summary, indent=2))
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 if __name__ == "__main__":

@@ -164,7 +164,9 @@ RENDER = {"preprocess": preprocess, "train_step": train_step, "decoding": decodi
 
 
 def render(latest: dict) -> str:
-    lines = [f"From `benchmarks/latest.json` ({latest['date']}, {latest['machine']}"
+    dates = sorted({r["date"][:10] for r in latest["results"].values() if "date" in r})
+    when = f"run {' to '.join(dict.fromkeys([dates[0], dates[-1]]))}" if dates else latest["date"]
+    lines = [f"From `benchmarks/latest.json` ({when}, {latest['machine']}"
              f"{', quick' if latest.get('quick') else ''}):", "",
              "| benchmark | figure | baseline | ratio |", "|---|---|---|---|"]
     for name, result in latest["results"].items():

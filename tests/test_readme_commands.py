@@ -53,7 +53,7 @@ def readme_commands(readme: str) -> list[Command]:
         for line in re.sub(r"\\\n\s*", "", body).splitlines():
             line = line.strip()
             if line.startswith("#"):
-                run = NOT_RUN not in line  # a note covers the commands below it in its block
+                run = run and NOT_RUN not in line  # a note covers the commands below it in its block
             elif line:
                 line = re.sub(r"\s+#.*$", "", line)
                 commands.append(Command(line.split(maxsplit=5)[5] if language == "cron" else line, run))
