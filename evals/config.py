@@ -44,7 +44,8 @@ class HarnessSettings:
     batch_size: int = 8  # packed rows (loglikelihood) or prompts (generate_until) per forward
     seed: int = 0  # fixes the bound's masks and the sampling
     # generate_until's decoder, name or name@threshold ("" = the quality reference of the decoders that fit
-    # the objective); its settings are sampling.*.
+    # the objective); its settings are sampling.*, but for seed (this one), gen_length (the task's
+    # max_gen_toks, else the one below) and prompt_tokens (each request's own).
     sampler: str = ""
     max_gen_toks: int = 256  # generation length when a task sets none (prompt + generation fit data.seq_len)
     arithmetic_data: str = ""  # arithmetic_word_problems' rows: a DMax-layout .jsonl or .parquet file

@@ -16,6 +16,7 @@ torn write by some other tool) is skipped with a warning.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -23,11 +24,13 @@ from typing import Any
 
 from etils import epath
 
+from evals.config import EvalConfig
 from trainer.files import write_whole  # evals' writers use it from here
 
 
 # Keys that say how the evaluator runs, not what a record measures: not part of a record's key.
 OPERATIONAL = ("poll_seconds", "wandb_mode")
+DEFAULTS = dataclasses.asdict(EvalConfig())  # what a record made before a key existed ran with
 
 
 def settings_hash(settings: dict[str, Any] | None) -> str:
@@ -38,16 +41,18 @@ def settings_hash(settings: dict[str, Any] | None) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """`key old -> new` for each setting both hold that differs (nested keys with dots), operational
-    keys aside."""
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "",
+                defaults: dict[str, Any] | None = None) -> list[str]:
+    """`key old -> new` for each setting of `new` that differs (nested keys with dots), operational
+    keys aside. A key `old` lacks (added to the evals after it was recorded) counts as its default."""
+    defaults = DEFAULTS if defaults is None else defaults
     found = []
-    for key in sorted(set(old) & set(new)):
-        if key in OPERATIONAL:
+    for key in sorted(new):
+        if key in OPERATIONAL or (key not in old and key not in defaults):
             continue
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, defaults.get(key)), new[key]
         if isinstance(a, dict) and isinstance(b, dict):
-            found += differences(a, b, f"{prefix}{key}.")
+            found += differences(a, b, f"{prefix}{key}.", defaults.get(key) or {})
         elif a != b:
             found.append(f"{prefix}{key} {a!r} -> {b!r}")
     return found

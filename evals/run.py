@@ -247,8 +247,9 @@ class Evaluator:
         return count
 
     def watch(self) -> None:
-        """Evaluates checkpoints as they commit, until the run's final step has been evaluated."""
-        final = self.run_cfg.train.steps
+        """Evaluates checkpoints as they commit, until the run's final step (an export's only
+        step) has been evaluated."""
+        final = self.exported if self.exported is not None else self.run_cfg.train.steps
         while final not in self.ledger.steps(self.settings):
             if not self.once():
                 time.sleep(self.cfg.poll_seconds)

@@ -66,6 +66,11 @@ class TrajectoriesConfig:
             (self.rows_per_part >= 1, "rows_per_part", "must be at least 1"),
             (self.format in ("jsonl", "parquet"), "format", "must be jsonl or parquet"),
             (self.sampling.gen_length >= 0, "sampling.gen_length", "must be >= 0 (0 = fill the trained length)"),
+            # Set by the job itself (the longest prompt, batch_size): one name per knob.
+            (self.sampling.prompt_tokens == SamplingConfig.prompt_tokens, "sampling.prompt_tokens",
+             "is not read here: set prompt_tokens"),
+            (self.sampling.num_samples == SamplingConfig.num_samples, "sampling.num_samples",
+             "is not read here: set num_prompts and batch_size"),
         ])
 
 
@@ -211,10 +216,10 @@ def _generate(run_dir: str, output: str, cfg: TrajectoriesConfig, lock: runlock.
     run_cfg = runs.load_config(run_dir)
     path = cfg.data_path or run_cfg.data.path
     manifest = data.load_manifest(path)
-    if data.tokenizer_sha(run_cfg.data.path) != manifest["tokenizer"]["sha256"]:
+    if data.tokenizer_sha(run_cfg.data.path) not in (None, manifest["tokenizer"]["sha256"]):  # None: data gone
         raise ConfigError(f"data_path {path} was tokenized with another tokenizer than the run's data "
                           f"({run_cfg.data.path}): use a dataset preprocessed with its tokenizer.json")
-    tokenizer = Tokenizer.from_str((epath.Path(path) / manifest["tokenizer"]["file"]).read_text())
+    tokenizer = runs.tokenizer(path, manifest)
     ids = data.special_ids(manifest)
     steps = checkpointing.committed_steps(checkpointing.reader(run_dir))
     step = cfg.step or (steps[-1] if steps else None)
@@ -225,8 +230,11 @@ def _generate(run_dir: str, output: str, cfg: TrajectoriesConfig, lock: runlock.
         raise ConfigError(f"no usable prompts in the {cfg.split} split of {path} (prompt_tokens={cfg.prompt_tokens})")
     longest = max(len(p.tokens) for p in found)
     sampling_cfg = cfg.sampling
-    if not sampling_cfg.gen_length:  # fill the length the model was trained on
-        sampling_cfg = dataclasses.replace(sampling_cfg, gen_length=run_cfg.data.seq_len - longest)
+    if not sampling_cfg.gen_length:  # fill the length the model was trained on (whole blocks for full attention)
+        fill = run_cfg.data.seq_len - longest
+        if decoders.is_valid(cfg.sampler) and decoders.get(cfg.sampler).attention == decoders.FULL:
+            fill -= fill % decoders.block_length(sampling_cfg, run_cfg)
+        sampling_cfg = dataclasses.replace(sampling_cfg, gen_length=fill)
     names, sampling_cfg = decoders.plan(cfg.sampler, dataclasses.replace(sampling_cfg, prompt_tokens=longest), run_cfg)
     if len(names) != 1:
         raise ConfigError(f"sampler must name one sampler, got {cfg.sampler!r}")

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 from pipelines.sources import UserError
+from pipelines.tokenizer import MIN_VOCAB_SIZE
 
 DATASETS = ("tinystories", "dmax_trajectories", "tfds")
 COMPRESSIONS = ("uncompressed", "snappy", "zstd", "brotli")
@@ -47,7 +48,8 @@ class PreprocessConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.vocab_size >= 260, "vocab_size", "must be at least 260 (256 bytes + 4 special tokens)"),
+            (self.vocab_size >= MIN_VOCAB_SIZE, "vocab_size",
+             f"must be at least {MIN_VOCAB_SIZE} (256 bytes + the special tokens)"),
             (self.num_shards >= 1, "num_shards", "must be at least 1"),
             (self.num_validation_shards >= 1, "num_validation_shards", "must be at least 1"),
             (0 <= self.validation_fraction < 1, "validation_fraction", "must be in [0, 1)"),

@@ -166,6 +166,18 @@ def test_remasking_commits_one_token_per_step_within_blocks(random_model):
         assert row[5:13].max() < row[13:].min()  # block 1 is finished before block 2 starts
 
 
+@pytest.mark.timeout(300, method="thread")  # the defect this pins was a decoding loop that never ended
+@pytest.mark.parametrize("name", ["remask", "threshold_full"])
+def test_full_attention_decoders_finish_when_the_model_predicts_the_mask_token(random_model, name):
+    graphdef, params = random_model
+    params = jax.tree.map(lambda x: x, params)
+    params["embed"]["embedding"] = params["embed"]["embedding"].at[MASK].multiply(50.0)  # tied head: MASK wins
+    cfg = SamplingConfig(gen_length=16, block_length=8, threshold=0.05, suppress_mask=False)
+    out = decoders.generate(name, graphdef, params, PROMPT, cfg, MASK, -1, jax.random.key(0))
+    assert (out.tokens[:, 5:] == MASK).any()  # the mask id was committed as a token
+    assert (out.decoded_at[:, 5:] > 0).all() and (out.forwards <= 16).all()  # each position decoded once
+
+
 def test_full_attention_threshold_commits_confident_tokens_within_blocks(random_model):
     cfg = SamplingConfig(gen_length=16, block_length=8, threshold=0.05)
     out = decoders.generate("threshold_full", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))

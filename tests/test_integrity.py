@@ -49,6 +49,20 @@ def test_a_damaged_ledger_entry_is_skipped_with_a_warning(tmp_path, capsys):
     assert [json.loads(x)["step"] for x in (tmp_path / "evals" / "ledger.jsonl").read_text().splitlines()] == [10, 20]
 
 
+def test_a_key_added_after_a_record_was_made_counts_as_its_default(tmp_path):
+    import dataclasses
+
+    from evals.config import EvalConfig
+
+    settings = dataclasses.asdict(EvalConfig())
+    older = {k: v for k, v in settings.items() if k != "harness"}  # recorded before the harness existed
+    ledger = Ledger(str(tmp_path))
+    ledger.append({"step": 10, "perplexity": {}, "settings": older})
+    assert ledger.steps(settings) == {10}  # the default harness (no tasks) is what it ran with
+    with_tasks = {**settings, "harness": {**settings["harness"], "tasks": "tinystories_cloze"}}
+    assert ledger.steps(with_tasks) == set()  # asking for tasks: the step is not done under these
+
+
 def test_a_damaged_metrics_line_does_not_stop_a_resume(tiny_overrides, tmp_path, capsys):
     cfg = config_lib.load(None, [*tiny_overrides, "train.steps=2", "train.checkpoint_every=2"])
     assert train.run(cfg) == 0

@@ -70,6 +70,8 @@ def test_config_errors_name_the_key(capsys, tiny_overrides, tmp_path):
     older_run.mkdir()
     (older_run / "config.yaml").write_text("run_dir: older_run\ndata: {path: d, packing_bins: 32}\n")
     assert config_lib.load_run(older_run).data.path == "d"
+    from evals import config as eval_config
+    assert eval_config.load(None, ["sampling.revise=no"]).sampling.revise == "no"  # YAML 1.1 reads `no` as false
 
 
 def test_a_run_resumes_only_with_its_own_model(capsys, tiny_overrides, tmp_path):
@@ -79,6 +81,12 @@ def test_a_run_resumes_only_with_its_own_model(capsys, tiny_overrides, tmp_path)
     assert "model.hidden=32, this config has 48" in cli_error(capsys, *tiny_overrides, "train.steps=4",
                                                               "model.hidden=48")
     assert (tmp_path / "run" / "config.yaml").read_text() == saved  # the intact run's config is kept
+    # How a step runs is not what it trains: another kernel or remat policy resumes the run.
+    assert cli.main([*tiny_overrides, "train.steps=3", "train.checkpoint_every=3", "model.attention=xla",
+                     "model.remat=full"]) == 0
+    assert "attention: auto" in saved
+    (tmp_path / "run" / "config.yaml").write_text(saved.replace("attention: auto", "attention: splash"))
+    assert config_lib.load_run(tmp_path / "run").model.attention == "auto"  # readers choose their platform's kernel
 
 
 def test_yaml_and_overrides_resolve_and_are_saved(tiny_overrides, tmp_path):

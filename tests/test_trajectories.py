@@ -13,7 +13,7 @@ from pipelines import preprocess
 from tests.conftest import TINY_MODEL
 from trainer import config as config_lib
 from trainer import data, train
-from trainer.errors import MismatchError
+from trainer.errors import ConfigError, MismatchError
 
 SMALL = ["num_prompts=10", "prompt_tokens=6", "batch_size=4", "rows_per_part=4", "sampling.gen_length=24"]
 
@@ -140,3 +140,17 @@ def test_oput_starts_from_a_bd3lm_run_only_when_tokenizer_and_blocks_match(bd3lm
     with pytest.raises(MismatchError, match="another tokenizer|model.vocab_size"):
         train.run(other_tokenizer)
     assert not (tmp_path / "b").exists() and not (tmp_path / "t").exists()  # refused before writing anything
+
+
+def test_filling_the_trained_length_keeps_whole_blocks_for_full_attention_decoders(bd3lm_run, tmp_path):
+    result = make(bd3lm_run, tmp_path / "full", "num_prompts=4", "sampler=remask", "sampling.gen_length=0",
+                  "sampling.block_length=8")
+    sampling = result["settings"]["sampling"]
+    fill = 64 - sampling["prompt_tokens"]  # data.seq_len 64 less the longest prompt
+    assert sampling["gen_length"] == fill - fill % 8 and len(rows_of(tmp_path / "full")) == 4
+
+
+def test_sampling_keys_the_job_sets_itself_are_refused():
+    for key in ("sampling.prompt_tokens=8", "sampling.num_samples=4"):
+        with pytest.raises(ConfigError, match=key.split("=")[0]):
+            config_lib.load_into(TrajectoriesConfig(), None, [key]).validate()

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import yaml
 from flax import nnx
 
 from evals import __main__ as evals_cli
@@ -72,6 +73,7 @@ def test_export_then_import_gives_identical_params_and_logits(trained, tmp_path)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(again)))
 
 
+@pytest.mark.timeout(600, method="thread")  # --watch on an export once polled forever
 def test_the_eval_stage_evaluates_an_export(trained, tmp_path):
     run_dir, _ = trained
     out = tmp_path / "export"
@@ -80,6 +82,11 @@ def test_the_eval_stage_evaluates_an_export(trained, tmp_path):
                            "sampling.num_samples=2", "sampling.gen_length=16", "sampling.block_length=8"]) == 0
     (record,) = [json.loads(line) for line in (out / "evals" / "ledger.jsonl").read_text().splitlines()]
     assert record["step"] == 4 and np.isfinite(record["perplexity"]["ppl_bound"])
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved["train"]["steps"] = 8  # an export of a run's earlier step: --watch ends at the export's own step
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert evals_cli.main(["--run_dir", str(out), "--watch", "wandb_mode=disabled", "perplexity.max_tokens=500",
+                           "sampling.num_samples=2", "sampling.gen_length=16", "sampling.block_length=8"]) == 0
 
 
 def _hf_model(kind: str, directory, **overrides):

@@ -171,11 +171,17 @@ def _windows(x_BL, n: int, pad: int, fill=0):
     return jnp.concatenate([tiled[:, :-2], tiled[:, 1:-1], tiled[:, 2:]], axis=2)
 
 
+def splash_block(length: int) -> int | None:
+    """Splash's tile size for a sequence length: the largest of 512/256/128 that divides it, the
+    length itself below 128, else None (splash cannot tile it)."""
+    return next((b for b in (512, 256, 128) if length % b == 0), length if length < 128 else None)
+
+
 @functools.cache
 def _splash_kernel(length: int, heads: int, causal: bool, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    block = min(512, length)
+    block = splash_block(length)
     shape = (length, length)
     mask = sa.MultiHeadMask([sa.CausalMask(shape) if causal else sa.FullMask(shape)] * heads)
     sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,

@@ -143,7 +143,9 @@ class Config:
             (self.optim.lr > 0, "optim.lr", "must be positive"),
             (self.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", "must be offline, online or disabled"),
         ])
-        attention.resolve(m.attention, m.compute_dtype)  # a kernel this platform lacks: refused here, before any write
+        kernel = attention.resolve(m.attention, m.compute_dtype)  # a kernel this platform lacks: refused here
+        check([(kernel != "splash" or attention.splash_block(d.seq_len) is not None, "data.seq_len",
+                "must be a multiple of 128 (or below 128) for splash attention: change it or use model.attention=xla")])
 
 
 def check(rules: list[tuple[bool, str, str]]) -> None:
@@ -162,6 +164,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
             return float(value)
         except ValueError:
             pass
+    if kind is str and isinstance(value, bool):  # YAML 1.1 reads yes/no (e.g. sampling.revise=no) as booleans
+        return "yes" if value else "no"
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{key} must be {annotation}, got {value!r}")
     return value
@@ -245,8 +249,12 @@ def load(path: str | None, overrides: list[str]) -> Config:
 
 
 def load_run(run_dir: Any) -> Config:
-    """A run's saved config.yaml, written by this trainer or an older one (retired keys skipped)."""
-    return load_into(Config(), str(epath.Path(run_dir) / "config.yaml"), [], saved=True)
+    """A run's saved config.yaml, written by this trainer or an older one (retired keys skipped),
+    with the attention kernel chosen anew for the platform reading it (a run trained with cuDNN
+    is evaluated on CPU too)."""
+    cfg = load_into(Config(), str(epath.Path(run_dir) / "config.yaml"), [], saved=True)
+    cfg.model.attention = "auto"
+    return cfg
 
 
 def load_into(config: Any, path: str | None, overrides: list[str], saved: bool = False) -> Any:

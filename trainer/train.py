@@ -97,6 +97,10 @@ def real_tokens(batch: dict[str, np.ndarray]) -> int:
     return int(batch["loss_mask"].sum() + batch["prompt_len"].sum())
 
 
+# Model settings that change how a step runs, not the weights it trains: free to change on resume.
+HOW_IT_RUNS = ("init_from", "attention", "remat")
+
+
 def check_resume(cfg: Config) -> None:
     """A run directory resumes only with the model it was trained with: refused in one line before
     its config.yaml (which evals read) is rewritten."""
@@ -105,7 +109,7 @@ def check_resume(cfg: Config) -> None:
         return  # nothing trained yet: nothing to protect
     saved = config_lib.load_run(cfg.run_dir).model
     for field in dataclasses.fields(saved):
-        if field.name != "init_from" and getattr(saved, field.name) != getattr(cfg.model, field.name):
+        if field.name not in HOW_IT_RUNS and getattr(saved, field.name) != getattr(cfg.model, field.name):
             raise MismatchError(
                 f"{cfg.run_dir} holds a run with model.{field.name}={getattr(saved, field.name)}, this config has "
                 f"{getattr(cfg.model, field.name)}: resume with the run's model or use a new run_dir")

@@ -4,4 +4,4 @@ Importing this package registers the built-in decoders."""
 
 from evals.decoders import block_causal, causal, full_attention  # noqa: F401  (each registers its decoders)
 from evals.decoders.registry import (  # noqa: F401
-    Decoder, fitting, generate, get, is_matched, is_one_token, names, parse, plan, program, register)
+    FULL, Decoder, block_length, fitting, generate, get, is_matched, is_one_token, is_valid, names, parse, plan, program, register)

@@ -78,14 +78,18 @@ def program(commit: Callable) -> Callable:
                 in_block = (index >= start) & (index < start + width)
                 logits, _ = model.forward(embedding[s.tokens], positions, full)
                 _, x0, conf = logits_and_choice(logits, jax.random.fold_in(key, s.step), cfg, mask_id)
-                candidate = (s.tokens == mask_id) & in_block & ~s.done[:, None]
+                # Undecoded = never committed (not `== mask_id`: a committed mask id, possible with
+                # suppress_mask off, would otherwise stay a candidate forever).
+                open_BL = (index >= prompt_len) & in_block & ~s.done[:, None]
+                candidate = (s.decoded_at == 0) & open_BL
                 chosen = commit(conf, candidate, s.j, cfg)
                 tokens = jnp.where(chosen, x0, s.tokens)
-                block_end = ~((tokens == mask_id) & in_block & ~s.done[:, None]).any()
+                decoded_at = jnp.where(chosen, s.step + 1, s.decoded_at)
+                block_end = ~((decoded_at == 0) & open_BL).any()
                 filled, ended = fill_after_eos(tokens, prompt_len, eos_id, start + width)
                 return State(step=s.step + 1, block=s.block + block_end, j=jnp.where(block_end, 0, s.j + 1),
                              tokens=jnp.where(block_end, filled, tokens), done=s.done | (block_end & ended),
-                             decoded_at=jnp.where(chosen, s.step + 1, s.decoded_at),
+                             decoded_at=decoded_at,
                              forwards=s.forwards + candidate.any(1).astype(s.forwards.dtype))
 
             start = State(step=jnp.int32(0), block=jnp.int32(0), j=jnp.int32(0), tokens=tokens,

@@ -44,7 +44,8 @@ class ModelArgs(HarnessSettings):
     run_dir: str = ""  # a trainer run directory or a trainer.export directory (required)
     step: int = 0  # the committed checkpoint scored (0 = the latest)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)  # generate_until's decoder settings
-    # Read by the shipped tasks through lm_eval's metadata (model_args are part of it), not by the model:
+    # Read by the shipped tasks through lm_eval's metadata (model_args are part of it); the model checks
+    # data_path's tokenizer against the run's:
     data_path: str = ""  # the preprocess output whose validation split the TinyStories tasks use ("" = the run's)
     judge_run_dir: str = ""  # an AR run whose latest checkpoint scores tinystories_continuation (gen_ppl)
 
