@@ -41,7 +41,7 @@ from trainer import data
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "dmax" / "trajectories-sample.jsonl"
 MODEL = ["model.hidden=128", "model.layers=4", "model.heads=4", "model.mlp_hidden=352", "model.max_seq_len=256",
          "data.seq_len=128", "train.global_batch=16", "optim.lr=2e-3", "optim.warmup_steps=30",
-         "wandb.mode=disabled", "train.log_every=10", "objective.block_size=32"]
+         "wandb.mode=disabled", "train.log_every=10"]
 
 
 def trajectories(path: str) -> str:
@@ -60,8 +60,10 @@ def trajectories(path: str) -> str:
 
 
 def train(run_dir: str, *overrides: str) -> None:
-    subprocess.run([sys.executable, "-m", "trainer", f"run_dir={run_dir}", *MODEL, *overrides], check=True,
-                   capture_output=True)
+    result = subprocess.run([sys.executable, "-m", "trainer", f"run_dir={run_dir}", *MODEL, *overrides],
+                            capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"training {run_dir} failed: {' | '.join(result.stderr.strip().splitlines()[-3:])}")
 
 
 ANSWER = re.compile(r"answer is\s*(-?\d+)")
@@ -131,7 +133,8 @@ def main() -> None:
               f"train.checkpoint_every={args.base_steps}")
         tune = [*common, f"train.steps={args.tune_steps}", f"train.checkpoint_every={args.tune_steps}",
                 f"train.init_from_run={tmp}/base"]
-        oput = ["objective.name=oput", "objective.noise_range_low=0.75", "objective.noise_range_high=0.75"]
+        oput = ["objective.name=oput", "objective.block_size=32", "objective.noise_range_low=0.75",
+                "objective.noise_range_high=0.75"]
         train(f"{tmp}/oput", *tune, *oput)
         train(f"{tmp}/block", *tune, *oput, "objective.on_policy_ratio=0")
         train(f"{tmp}/mdlm", *tune)
