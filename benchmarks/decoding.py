@@ -6,7 +6,8 @@ Runs DMax's recipe (recipes/dmax.sh) on a corpus: the quickstart's 5,000 generat
 the real TinyStories sample in ../shared/data (skipped with a reason when absent). That trains
 the block-diffusion base model (`configs/tinystories_tiny_bd3lm.yaml`) and its AR twin (the
 judge), lets the base answer --prompts train prompts, and fine-tunes it with OPUT on its own
-answers; the benchmark adds the OPUT fine-tune with --seeds - 1 more seeds and the tiny MDLM
+answers; the benchmark adds the OPUT fine-tune with --seeds - 1 more seeds, the base model with
+--base_seeds - 1 more seeds (the spread of the quality reference itself) and the tiny MDLM
 model of the same shape for reference. Every model then decodes the same prompts (the first
 16 tokens of held-out documents) for exactly --gen_length tokens with the decoders that fit its
 objective, the threshold decoders at each of --thresholds. Per row: tokens per forward per
@@ -74,6 +75,11 @@ def make_runs(tmp: str, args) -> dict[str, str]:
             f"run_dir={runs[f'oput_seed{seed}']}", f"data.path={recipe}/trajectories_data",
             f"train.init_from_run={recipe}/base", f"seed={seed}", f"train.steps={args.oput_steps}",
             f"train.checkpoint_every={args.oput_steps}", "wandb.mode=disabled")
+    for seed in range(1, args.base_seeds):  # the quality reference's own spread over training runs
+        runs[f"base_seed{seed}"] = f"{tmp}/base_seed{seed}"
+        run("-m", "trainer", "--config", "configs/tinystories_tiny_bd3lm.yaml", f"run_dir={runs[f'base_seed{seed}']}",
+            f"data.path={tmp}/data", f"seed={seed}", f"train.steps={args.steps}",
+            f"train.checkpoint_every={args.steps}", "wandb.mode=disabled")
     runs["mdlm"] = f"{tmp}/mdlm"
     run("-m", "trainer", "--config", "configs/tinystories_tiny.yaml", f"run_dir={runs['mdlm']}",
         f"data.path={tmp}/data", f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}",
@@ -213,6 +219,8 @@ def main() -> None:
     parser.add_argument("--oput_steps", type=int, default=150, help="Steps of each OPUT fine-tune.")
     parser.add_argument("--prompts", type=int, default=1024, help="Trajectories the base model generates.")
     parser.add_argument("--seeds", type=int, default=3, help="OPUT fine-tunes (seeds 0..N-1).")
+    parser.add_argument("--base_seeds", type=int, default=3,
+                        help="Base models trained (seeds 0..N-1; OPUT starts from seed 0's): the reference's spread.")
     parser.add_argument("--eval_prompts", type=int, default=32, help="Held-out prompts decoded per setting.")
     parser.add_argument("--gen_length", type=int, default=64, help="Tokens generated after each 16-token prompt.")
     parser.add_argument("--thresholds", default="0.5,0.7,0.9", help="Comma-separated thresholds.")
@@ -247,14 +255,18 @@ def main() -> None:
                 table = decode_table(run_dir, prompt, ids, judge, thresholds, args.gen_length)
                 ablation[name] = ablation_row(table, bound, reference)
     oput = [tables.pop(n) for n in list(tables) if n.startswith("oput_seed")]
+    bases = [tables["base"], *(tables.pop(n) for n in list(tables) if n.startswith("base_seed"))]
     results = {**tables, **{f"oput_seed{i}": t for i, t in enumerate(oput)}}
     summary = {"base": tables["base"], "oput": spread(oput), "mdlm": tables["mdlm"]}
+    if len(bases) > 1:
+        summary["base_over_seeds"] = spread(bases)
     pathlib.Path(args.svg).write_text(frontier_svg(summary))
     emit({"benchmark": "decoding", "machine": machine, "corpus": args.corpus, "steps": args.steps,
           "oput_steps": args.oput_steps, "trajectories": args.prompts, "seeds": args.seeds,
           "eval_prompts": args.eval_prompts, "gen_length": args.gen_length, "thresholds": thresholds,
           "summary": summary, "per_seed": {n: t for n, t in results.items() if n.startswith("oput_seed")},
           "goals": goals(results), "decoder_overhead": overhead, "ablation": ablation,
+          "base_one_token_gen_ppl_per_seed": [t["rows"]["one_token"]["gen_ppl"] for t in bases],
           "svg": os.path.relpath(args.svg, ROOT)}, args.out)
 
 
