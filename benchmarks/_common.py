@@ -1,9 +1,13 @@
-"""What every benchmark script shares: printing its JSON report and saving it with --out, loading a
-run's latest checkpoint, and a bare forward of a model with the decoders' shapes."""
+"""What every benchmark script shares: running a stage of the project, printing its JSON report and
+saving it with --out, loading a run's latest checkpoint, and a bare forward of a model with the
+decoders' shapes."""
 
 from __future__ import annotations
 
 import json
+import pathlib
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -15,6 +19,18 @@ from evals import runs
 from evals.decoders.block_causal import block_causal_mask
 from trainer import attention, state
 from trainer.model import head_dim, kv_heads
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(*command: str, env: dict | None = None) -> None:
+    """Runs a stage from the repository root (`-m module ...` with this Python, else a program); on
+    failure its last error lines end the benchmark."""
+    command = (sys.executable, *command) if command[0] == "-m" else command
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    if result.returncode:
+        sys.exit(f"{' '.join(command[:3])} failed: {' | '.join(result.stderr.strip().splitlines()[-3:])}")
 
 
 def emit(report: dict[str, Any], out: str | None) -> None:

@@ -29,29 +29,18 @@ import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 
 import jax
-from _common import bare_forward_seconds, emit, latest
+from _common import ROOT, bare_forward_seconds, emit, latest, run
 
 from evals import decoders, perplexity, quality, report
 from evals.config import PerplexityConfig, SamplingConfig
 from trainer import data
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "tinystories" / "TinyStoriesV2-GPT4-valid.sample-a.txt"
 PROMPT_LEN = 16
-
-
-def run(*command: str, env: dict | None = None) -> None:
-    """Runs a stage (`-m module ...` with this Python, else a program); on failure its last error
-    lines end the benchmark."""
-    command = (sys.executable, *command) if command[0] == "-m" else command
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
-    if result.returncode:
-        sys.exit(f"{' '.join(command[:3])} failed: {' | '.join(result.stderr.strip().splitlines()[-3:])}")
 
 
 def make_runs(tmp: str, args) -> dict[str, str]:

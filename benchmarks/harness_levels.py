@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
-from _common import emit
+from _common import emit, run
 
 from evals.config import HarnessSettings, SamplingConfig
 
@@ -30,11 +29,6 @@ MODEL = ["model.hidden=32", "model.layers=2", "model.heads=2", "model.mlp_hidden
          "optim.lr=3e-3", "wandb.mode=disabled"]
 OBJECTIVES = {"bd3lm": ["objective.name=bd3lm", "objective.block_size=8"], "mdlm": ["objective.name=mdlm"]}
 LEVELS = (2, 8, 32, 64)
-
-
-def run(*args: str) -> None:
-    subprocess.run([sys.executable, *args], check=True, capture_output=True, cwd=os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
 
 
 def levels(run_dir: str, docs: int) -> dict:

@@ -24,13 +24,12 @@ import pathlib
 import platform
 import random
 import re
-import subprocess
 import sys
 import tempfile
 
 import jax
 import numpy as np
-from _common import emit, latest
+from _common import emit, latest, run
 from tokenizers import Tokenizer
 
 from evals import decoders, quality
@@ -60,10 +59,7 @@ def trajectories(path: str) -> str:
 
 
 def train(run_dir: str, *overrides: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "trainer", f"run_dir={run_dir}", *MODEL, *overrides],
-                            capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"training {run_dir} failed: {' | '.join(result.stderr.strip().splitlines()[-3:])}")
+    run("-m", "trainer", f"run_dir={run_dir}", *MODEL, *overrides)
 
 
 ANSWER = re.compile(r"answer is\s*(-?\d+)")
@@ -124,9 +120,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = trajectories(f"{tmp}/rows.jsonl")
-        subprocess.run([sys.executable, "-m", "pipelines.preprocess", "--dataset", "dmax_trajectories",
-                        "--input", rows, "--output", f"{tmp}/data", "--vocab_size", "1024",
-                        "--validation_fraction", "0.1"], check=True, capture_output=True)
+        run("-m", "pipelines.preprocess", "--dataset", "dmax_trajectories", "--input", rows, "--output",
+            f"{tmp}/data", "--vocab_size", "1024", "--validation_fraction", "0.1")
         common = [f"data.path={tmp}/data", f"seed={args.seed}"]
         train(f"{tmp}/base", *common, f"train.steps={args.base_steps}", f"train.checkpoint_every={args.base_steps}")
         train(f"{tmp}/ar", *common, "objective.name=ar", f"train.steps={args.base_steps}",
