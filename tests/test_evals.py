@@ -109,6 +109,33 @@ def test_spd_passes_are_capped_at_the_block_width_by_default(random_model):
     assert capped.batch_forwards == 10 and not (capped.tokens == MASK).any()  # leftovers from the last pass
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_the_token_choice_equals_argmax_and_softmax_without_materialising_them(temperature):
+    """`choose` reads the logits once: its tokens (the lowest index on ties), probabilities and
+    top-k are jnp.argmax's and the softmax's, with the mask suppressed."""
+    logits = jax.random.normal(jax.random.key(0), (3, 8, 40)) * 3
+    logits = logits.at[:, :2, 7].set(50.0).at[:, :2, 9].set(50.0).at[:, 2, MASK].set(60.0)  # ties; a mask win
+    cfg = SamplingConfig(temperature=temperature)
+    choice = common.choose(logits, jax.random.key(1), cfg, MASK)
+    suppressed = logits.at[..., MASK].set(-jnp.inf)
+    probs = jax.nn.softmax(suppressed, -1)
+    greedy = jnp.argmax(suppressed, -1)
+    np.testing.assert_array_equal(choice.argmax, greedy)
+    assert (choice.argmax[:, :2] == 7).all() and (choice.argmax != MASK).all()
+    np.testing.assert_allclose(choice.p_max, probs.max(-1), rtol=1e-6)
+    np.testing.assert_allclose(choice.conf, jnp.take_along_axis(probs, choice.x0[..., None], -1)[..., 0], rtol=1e-5)
+    if temperature == 0:
+        np.testing.assert_array_equal(choice.x0, greedy)
+    else:
+        noisy = suppressed / temperature + jax.random.gumbel(jax.random.key(1), logits.shape)
+        np.testing.assert_array_equal(choice.x0, jnp.argmax(noisy, -1))
+    for k in (1, 3):
+        p, ids = common.top_k_probs(choice, k)
+        want_p, want_ids = jax.lax.top_k(probs, k)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(p, want_p, rtol=1e-5)
+
+
 def test_soft_inputs_only_where_the_model_revises():
     """A SUBS model (revise: no) sees each decoded position as its committed token's embedding; a model
     that revises (OPUT) sees the soft top-k mix there. Masked positions are the mask embedding."""

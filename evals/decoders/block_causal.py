@@ -29,7 +29,7 @@ from flax import nnx
 
 from evals.config import SamplingConfig
 from evals.decoders import registry
-from evals.decoders.common import fill_after_eos, logits_and_choice, start_tokens
+from evals.decoders.common import choose, fill_after_eos, start_tokens, top_k_probs
 from trainer.attention import Dense
 from trainer.model import head_dim, kv_heads
 
@@ -82,7 +82,8 @@ class Rule(NamedTuple):
 
 def spd_pass(logits_BKV, key, tokens_BK, masked_BK, in_a_BK, active_B, cfg: SamplingConfig, mask_id: int) -> Pass:
     """One SPD pass over the active block."""
-    probs, x0, conf = logits_and_choice(logits_BKV, key, cfg, mask_id)
+    choice = choose(logits_BKV, key, cfg, mask_id)
+    x0, conf = choice.x0, choice.conf
     width = tokens_BK.shape[1]
     index = jnp.arange(width)
     # Still-masked positions decode leftmost first while confident; at least one per pass.
@@ -96,11 +97,11 @@ def spd_pass(logits_BKV, key, tokens_BK, masked_BK, in_a_BK, active_B, cfg: Samp
     tokens = jnp.where(newly | (decoded_before & revise), x0, tokens_BK)  # drafts stay revisable
     masked = masked_BK & ~newly
     changed = (tokens != tokens_BK).any(1)
-    confident = jnp.where(in_a_BK, probs.max(-1) >= cfg.confidence_stop, True).all(1)
+    confident = jnp.where(in_a_BK, choice.p_max >= cfg.confidence_stop, True).all(1)
     # Without revision nothing can change once every mask is decoded: the block ends there.
     settled = (~changed | confident) if revise else True
     stop = (settled & ~masked.any(1)) | ~active_B
-    topk_p, topk_ids = jax.lax.top_k(probs, cfg.top_k)
+    topk_p, topk_ids = top_k_probs(choice, cfg.top_k)
     revised = decoded_before & (tokens != tokens_BK)
     return Pass(tokens, masked, newly, revised, stop, x0, topk_p, topk_ids)
 
@@ -125,7 +126,8 @@ def soft_inputs(embedding_VD, result: Pass, in_a_BK, cfg: SamplingConfig, mask_i
 def threshold_pass(logits_BKV, key, tokens_BK, masked_BK, in_a_BK, active_B, cfg: SamplingConfig,
                    mask_id: int) -> Pass:
     """Commit every masked position with confidence >= threshold, at least the most confident."""
-    _, x0, conf = logits_and_choice(logits_BKV, key, cfg, mask_id)
+    choice = choose(logits_BKV, key, cfg, mask_id)
+    x0, conf = choice.x0, choice.conf
     best = jnp.argmax(jnp.where(masked_BK, conf, -jnp.inf), axis=1)
     sure = conf >= cfg.threshold
     newly = masked_BK & (sure | (jnp.arange(tokens_BK.shape[1]) == best[:, None])) & active_B[:, None]

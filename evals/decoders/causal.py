@@ -16,7 +16,7 @@ from flax import nnx
 
 from evals.config import SamplingConfig
 from evals.decoders import registry
-from evals.decoders.common import fill_after_eos, logits_and_choice, start_tokens
+from evals.decoders.common import choose, fill_after_eos, start_tokens
 
 
 class State(NamedTuple):
@@ -43,7 +43,7 @@ def build(graphdef, prompt_shape: tuple[int, int], cfg: SamplingConfig, mask_id:
             at = prompt_len + s.step
             logits_BTV = model(s.tokens, segments, positions, True)
             logits_B1V = jax.lax.dynamic_slice_in_dim(logits_BTV, at - 1, 1, 1)
-            _, x0_B1, _ = logits_and_choice(logits_B1V, jax.random.fold_in(key, s.step), cfg, mask_id)
+            x0_B1 = choose(logits_B1V, jax.random.fold_in(key, s.step), cfg, mask_id).x0
             token_B = jnp.where(s.done, eos_id, x0_B1[:, 0])
             return State(step=s.step + 1, tokens=s.tokens.at[:, at].set(token_B),
                          done=s.done | (token_B == eos_id), forwards=s.forwards + (~s.done).astype(s.forwards.dtype))

@@ -22,7 +22,7 @@ from flax import nnx
 
 from evals.config import SamplingConfig
 from evals.decoders import registry
-from evals.decoders.common import fill_after_eos, logits_and_choice, start_tokens
+from evals.decoders.common import choose, fill_after_eos, start_tokens
 from trainer.attention import Dense
 
 
@@ -77,13 +77,13 @@ def program(commit: Callable) -> Callable:
                 start = prompt_len + s.block * width
                 in_block = (index >= start) & (index < start + width)
                 logits, _ = model.forward(embedding[s.tokens], positions, full)
-                _, x0, conf = logits_and_choice(logits, jax.random.fold_in(key, s.step), cfg, mask_id)
+                choice = choose(logits, jax.random.fold_in(key, s.step), cfg, mask_id)
                 # Undecoded = never committed (not `== mask_id`: a committed mask id, possible with
                 # suppress_mask off, would otherwise stay a candidate forever).
                 open_BL = (index >= prompt_len) & in_block & ~s.done[:, None]
                 candidate = (s.decoded_at == 0) & open_BL
-                chosen = commit(conf, candidate, s.j, cfg)
-                tokens = jnp.where(chosen, x0, s.tokens)
+                chosen = commit(choice.conf, candidate, s.j, cfg)
+                tokens = jnp.where(chosen, choice.x0, s.tokens)
                 decoded_at = jnp.where(chosen, s.step + 1, s.decoded_at)
                 block_end = ~((decoded_at == 0) & open_BL).any()
                 filled, ended = fill_after_eos(tokens, prompt_len, eos_id, start + width)
