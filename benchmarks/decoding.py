@@ -2,23 +2,21 @@
 
     python benchmarks/decoding.py [--corpus generated|shared] [--seeds 3] [--out results.json] [--svg F]
 
-Runs DMax's recipe (recipes/dmax.sh) on a corpus: the quickstart's 5,000 generated stories, or
-the real TinyStories sample in ../shared/data (skipped with a reason when absent). That trains
-the block-diffusion base model (`configs/tinystories_tiny_bd3lm.yaml`) and its AR twin (the
-judge), lets the base answer --prompts train prompts, and fine-tunes it with OPUT on its own
-answers; the benchmark adds the OPUT fine-tune with --seeds - 1 more seeds, the base model with
---base_seeds - 1 more seeds (the spread of the quality reference itself) and the tiny MDLM
-model of the same shape for reference. Every model then decodes the same prompts (the first
-16 tokens of held-out documents) for exactly --gen_length tokens with the decoders that fit its
-objective, the threshold decoders at each of --thresholds. Per row: tokens per forward per
-sequence (as if decoded alone), tokens/s of the batch, generative perplexity under the AR
-judge, distinct-2 and mean length, with 90% bootstrap intervals over the prompts. OPUT rows give
-min / median / max over the seeds. Goals (against the base model's one-token gen-ppl, by the
-median over the seeds): OPUT's own one-token decoding within 1.1x; OPUT's threshold and SPD
-decoding >= 3 tokens per forward within 1.2x. Also: the cached decoders' time per forward
-against a bare forward of the same model and cache shape (goal <= 1.25x), and an ablation of
-OPUT fine-tunes from the same base with one setting changed each (--ablation, on by default):
-the validation bound, one-token quality and speeds within 1.2x.
+Runs DMax's recipe (recipes/dmax.sh) on a corpus, the quickstart's 5,000 generated stories or the
+real TinyStories sample in ../shared/data (skipped with a reason when absent), at --seeds seeds:
+each trains a block-diffusion base model (`configs/tinystories_tiny_bd3lm.yaml`), lets it answer
+--prompts train prompts, and fine-tunes it with OPUT on its own answers; one AR twin (seed 0's)
+judges them all. The tiny MDLM model of the same shape is the reference. Every model then decodes
+the same prompts (the first 16 tokens of held-out documents) for exactly --gen_length tokens with
+the decoders that fit its objective, the threshold decoders at each of --thresholds. Per row:
+tokens per forward per sequence (as if decoded alone), tokens/s of the batch, generative
+perplexity under the AR judge, distinct-2 and mean length, with 90% bootstrap intervals over the
+prompts; the summary gives min / median / max over the seeds. Goals (each OPUT model against its
+own base model's one-token gen-ppl, by the median over the seeds): OPUT's own one-token decoding
+within 1.1x; OPUT's threshold and SPD decoding >= 3 tokens per forward within 1.2x. Also: the
+cached decoders' time per forward against a bare forward of the same model and cache shape (goal
+<= 1.25x), and an ablation of OPUT fine-tunes from seed 0's base with one setting changed each
+(--ablation, on by default): the validation bound, one-token quality and speeds within 1.2x.
 The frontier (tokens per forward vs gen-ppl, one curve per model and decoder) is written as SVG.
 """
 
@@ -44,7 +42,8 @@ PROMPT_LEN = 16
 
 
 def make_runs(tmp: str, args) -> dict[str, str]:
-    """The recipe's runs (base, judge, OPUT seed 0), OPUT at the other seeds, and MDLM."""
+    """The recipe at each seed (its base, trajectories and OPUT; the AR judge is seed 0's for all)
+    and MDLM."""
     if args.corpus == "generated":
         source = f"{tmp}/stories.txt"
         run("-m", "pipelines.corpus", "--output", source, "--num_stories", "5000", "--seed", "0")
@@ -52,23 +51,16 @@ def make_runs(tmp: str, args) -> dict[str, str]:
         source = str(SHARED)
     run("-m", "pipelines.preprocess", "--dataset", "tinystories", "--input", source, "--output",
         f"{tmp}/data", "--vocab_size", "4096", "--num_shards", "4")
-    recipe = f"{tmp}/recipe"
-    env = {**os.environ, "DATA": f"{tmp}/data", "RUN": recipe, "PYTHON": sys.executable, "EVALS": "0",
-           "BASE_STEPS": str(args.steps), "JUDGE_STEPS": str(args.steps), "PROMPTS": str(args.prompts),
-           "OPUT_STEPS": str(args.oput_steps), "TRAIN_ARGS": "wandb.mode=disabled"}
-    run("bash", "recipes/dmax.sh", env=env)
-    runs = {"base": f"{recipe}/base", "judge": f"{recipe}/judge", "oput_seed0": f"{recipe}/oput"}
-    for seed in range(1, args.seeds):
-        runs[f"oput_seed{seed}"] = f"{recipe}/oput_seed{seed}"
-        run("-m", "trainer", "--config", "configs/tinystories_tiny_oput.yaml",
-            f"run_dir={runs[f'oput_seed{seed}']}", f"data.path={recipe}/trajectories_data",
-            f"train.init_from_run={recipe}/base", f"seed={seed}", f"train.steps={args.oput_steps}",
-            f"train.checkpoint_every={args.oput_steps}", "wandb.mode=disabled")
-    for seed in range(1, args.base_seeds):  # the quality reference's own spread over training runs
-        runs[f"base_seed{seed}"] = f"{tmp}/base_seed{seed}"
-        run("-m", "trainer", "--config", "configs/tinystories_tiny_bd3lm.yaml", f"run_dir={runs[f'base_seed{seed}']}",
-            f"data.path={tmp}/data", f"seed={seed}", f"train.steps={args.steps}",
-            f"train.checkpoint_every={args.steps}", "wandb.mode=disabled")
+    runs = {}
+    for seed in range(args.seeds):
+        recipe = f"{tmp}/recipe_seed{seed}"
+        env = {**os.environ, "DATA": f"{tmp}/data", "RUN": recipe, "PYTHON": sys.executable, "EVALS": "0",
+               "BASE_STEPS": str(args.steps), "JUDGE_STEPS": str(args.steps), "PROMPTS": str(args.prompts),
+               "OPUT_STEPS": str(args.oput_steps), "TRAIN_ARGS": f"wandb.mode=disabled seed={seed}",
+               "JUDGE": runs.get("judge", "")}
+        run("bash", "recipes/dmax.sh", env=env)
+        runs.setdefault("judge", f"{recipe}/judge")
+        runs[f"base_seed{seed}"], runs[f"oput_seed{seed}"] = f"{recipe}/base", f"{recipe}/oput"
     runs["mdlm"] = f"{tmp}/mdlm"
     run("-m", "trainer", "--config", "configs/tinystories_tiny.yaml", f"run_dir={runs['mdlm']}",
         f"data.path={tmp}/data", f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}",
@@ -76,8 +68,8 @@ def make_runs(tmp: str, args) -> dict[str, str]:
     return runs
 
 
-# OPUT fine-tunes of the same base on the same trajectories, one setting changed each (seed 0): what
-# OPUT's quality and speed depend on.
+# OPUT fine-tunes of seed 0's base on its trajectories, one setting changed each: what OPUT's quality
+# and speed depend on.
 ABLATION = {
     "recipe": [],
     "lr 1e-4": ["optim.lr=1e-4"],
@@ -89,8 +81,8 @@ ABLATION = {
 
 
 def ablation_runs(tmp: str, args) -> dict[str, str]:
-    """Trains the ABLATION fine-tunes from the recipe's base (after make_runs)."""
-    recipe = f"{tmp}/recipe"
+    """Trains the ABLATION fine-tunes from seed 0's base (after make_runs)."""
+    recipe = f"{tmp}/recipe_seed0"
     runs = {}
     for name, overrides in ABLATION.items():
         if name == "recipe":
@@ -170,21 +162,21 @@ def best_within(rows: dict, sampler: str, bound: float) -> tuple[str | None, flo
     return name, (within[name]["tokens_per_forward"] if name else 0.0)
 
 
-def goals(results: dict) -> dict:
-    """The recipe's goals, per OPUT seed and by the median over seeds, against the base model's
-    one-token gen-ppl: OPUT's own one-token decoding within 1.1x; SPD and threshold decoding of the
+def goals(per_seed: dict, seeds: int) -> dict:
+    """The recipe's goals, per seed against that seed's base model's one-token gen-ppl, and by the
+    median over seeds: OPUT's own one-token decoding within 1.1x; SPD and threshold decoding of the
     OPUT model at >= 3 tokens/forward within 1.2x."""
-    reference = results["base"]["rows"]["one_token"]["gen_ppl"]
-    seeds = [t["rows"] for n, t in results.items() if n.startswith("oput_seed")]
-    one_token = [rows["one_token"]["gen_ppl"] / reference for rows in seeds]
-    out = {"reference_gen_ppl": reference,
-           "oput_one_token": {"goal": "OPUT one-token gen-ppl <= 1.1x the base's", "ratio_per_seed": one_token,
+    references = [per_seed[f"base_seed{i}"]["rows"]["one_token"]["gen_ppl"] for i in range(seeds)]
+    oput = [per_seed[f"oput_seed{i}"]["rows"] for i in range(seeds)]
+    one_token = [rows["one_token"]["gen_ppl"] / ref for rows, ref in zip(oput, references)]
+    out = {"reference_gen_ppl_per_seed": references,
+           "oput_one_token": {"goal": "OPUT one-token gen-ppl <= 1.1x its base's", "ratio_per_seed": one_token,
                               "median": statistics.median(one_token), "met": statistics.median(one_token) <= 1.1}}
     for sampler in ("spd_cached", "threshold"):
-        per_seed = [best_within(rows, sampler, 1.2 * reference) for rows in seeds]
-        speeds = [tpf for _, tpf in per_seed]
-        out[f"oput_{sampler}"] = {"goal": f"OPUT {sampler} >= 3 tokens/forward at gen-ppl <= 1.2x the base's one-token",
-                                  "best_rows": [n for n, _ in per_seed], "tokens_per_forward_per_seed": speeds,
+        per = [best_within(rows, sampler, 1.2 * ref) for rows, ref in zip(oput, references)]
+        speeds = [tpf for _, tpf in per]
+        out[f"oput_{sampler}"] = {"goal": f"OPUT {sampler} >= 3 tokens/forward at gen-ppl <= 1.2x its base's one-token",
+                                  "best_rows": [n for n, _ in per], "tokens_per_forward_per_seed": speeds,
                                   "median": statistics.median(speeds), "met": statistics.median(speeds) >= 3.0}
     return out
 
@@ -207,9 +199,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="Steps of the base, the judge and MDLM.")
     parser.add_argument("--oput_steps", type=int, default=150, help="Steps of each OPUT fine-tune.")
     parser.add_argument("--prompts", type=int, default=1024, help="Trajectories the base model generates.")
-    parser.add_argument("--seeds", type=int, default=3, help="OPUT fine-tunes (seeds 0..N-1).")
-    parser.add_argument("--base_seeds", type=int, default=3,
-                        help="Base models trained (seeds 0..N-1; OPUT starts from seed 0's): the reference's spread.")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="Recipe runs (seeds 0..N-1), each with its own base, trajectories and OPUT fine-tune.")
     parser.add_argument("--eval_prompts", type=int, default=32, help="Held-out prompts decoded per setting.")
     parser.add_argument("--gen_length", type=int, default=64, help="Tokens generated after each 16-token prompt.")
     parser.add_argument("--thresholds", default="0.5,0.7,0.9", help="Comma-separated thresholds.")
@@ -227,36 +218,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = make_runs(tmp, args)
         judge = latest(runs.pop("judge"))[1]
-        base_cfg = latest(runs["base"])[0]
+        base_cfg = latest(runs["base_seed0"])[0]
         manifest = data.load_manifest(base_cfg.data.path)
         ids = data.special_ids(manifest)
         prompt = perplexity.prompts(base_cfg, manifest, args.eval_prompts, PROMPT_LEN)
         tables = {name: decode_table(run_dir, prompt, ids, judge, thresholds, args.gen_length)
                   for name, run_dir in runs.items()}
-        overhead = decoder_overhead(runs["base"], prompt, ids, args.gen_length)
+        overhead = decoder_overhead(runs["base_seed0"], prompt, ids, args.gen_length)
         ablation = {}
         if args.ablation:
-            reference = tables["base"]["rows"]["one_token"]["gen_ppl"]
+            reference = tables["base_seed0"]["rows"]["one_token"]["gen_ppl"]
             for name, run_dir in ablation_runs(tmp, args).items():
                 run_cfg, model = latest(run_dir)
                 run_cfg.data.path = base_cfg.data.path  # scored on the text's validation split, like the recipe
                 bound = perplexity.evaluate(*model, run_cfg, manifest, PerplexityConfig())["ppl_bound"]
                 table = decode_table(run_dir, prompt, ids, judge, thresholds, args.gen_length)
                 ablation[name] = ablation_row(table, bound, reference)
-    oput = [tables.pop(n) for n in list(tables) if n.startswith("oput_seed")]
-    bases = [tables["base"], *(tables.pop(n) for n in list(tables) if n.startswith("base_seed"))]
-    results = {**tables, **{f"oput_seed{i}": t for i, t in enumerate(oput)}}
-    summary = {"base": tables["base"], "oput": spread(oput), "mdlm": tables["mdlm"]}
-    if len(bases) > 1:
-        summary["base_over_seeds"] = spread(bases)
+    per_seed = {name: table for name, table in tables.items() if name != "mdlm"}
+    summary = {model: spread([per_seed[f"{model}_seed{i}"] for i in range(args.seeds)]) for model in ("base", "oput")}
+    summary["mdlm"] = tables["mdlm"]
     pathlib.Path(args.svg).write_text(frontier_svg(summary))
     emit({"benchmark": "decoding", "machine": machine, "corpus": args.corpus, "steps": args.steps,
           "oput_steps": args.oput_steps, "trajectories": args.prompts, "seeds": args.seeds,
           "eval_prompts": args.eval_prompts, "gen_length": args.gen_length, "thresholds": thresholds,
-          "summary": summary, "per_seed": {n: t for n, t in results.items() if n.startswith("oput_seed")},
-          "goals": goals(results), "decoder_overhead": overhead, "ablation": ablation,
-          "base_one_token_gen_ppl_per_seed": [t["rows"]["one_token"]["gen_ppl"] for t in bases],
-          "svg": os.path.relpath(args.svg, ROOT)}, args.out)
+          "summary": summary, "per_seed": per_seed, "goals": goals(per_seed, args.seeds), "decoder_overhead": overhead,
+          "ablation": ablation, "svg": os.path.relpath(args.svg, ROOT)}, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ BENCHMARKS = {  # name: (script, full-size args, --quick args)
     "preprocess": ("preprocess.py", [], ["--stories", "10000"]),
     "train_step": ("train_step.py", [], ["--steps", "2"]),
     "decoding": ("decoding.py", [], ["--steps", "60", "--oput_steps", "20", "--prompts", "64", "--seeds", "2",
-                                     "--base_seeds", "2", "--eval_prompts", "8"]),
+                                     "--eval_prompts", "8"]),
     "decoding_shared": ("decoding.py", ["--corpus", "shared", "--no-ablation", "--svg",
                                         "benchmarks/frontier_shared.svg"],
                         ["--corpus", "shared", "--no-ablation", "--steps", "60", "--oput_steps", "20", "--prompts",

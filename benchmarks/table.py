@@ -96,7 +96,9 @@ def decoding(r: dict) -> list[Row]:
     if "skipped" in r:
         return [(f"decoding ({r.get('corpus', 'shared')} corpus)", "skipped", r["skipped"], "")]
     summary, corpus = r["summary"], r["corpus"]
-    reference = summary["base"]["rows"]["one_token"]["gen_ppl"]
+    base_ppl = summary["base"]["rows"]["one_token"]["gen_ppl"]
+    reference = _median(base_ppl)
+    against = f"{'median ' if isinstance(base_ppl, dict) else ''}base one-token gen-ppl {reference:.2f}"
     rows = []
     for model, table in summary.items():
         names = table["rows"]
@@ -106,8 +108,7 @@ def decoding(r: dict) -> list[Row]:
             within = [n for n in options if _median(names[n]["gen_ppl"]) <= 1.1 * reference] or options
             best = max(within, key=lambda n: _median(names[n]["tokens_per_forward"]))
             seeds = f", {table['seeds']} seeds" if "seeds" in table else ""
-            rows.append((f"decoding ({corpus}): {model} {best}{seeds}", _figure(names[best]),
-                         f"base one-token gen-ppl {reference:.2f}",
+            rows.append((f"decoding ({corpus}): {model} {best}{seeds}", _figure(names[best]), against,
                          f"{_median(names[best]['gen_ppl']) / reference:.2f}"))
     for name, goal in r["goals"].items():
         if not isinstance(goal, dict):

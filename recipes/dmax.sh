@@ -4,6 +4,7 @@
 # split) -> tokenized with the same tokenizer -> OPUT fine-tuning from the block-diffusion model ->
 # evals of both runs. Re-running resumes each stage (a finished stage is skipped).
 # Environment: DATA (a preprocess output, required), RUN (output folder), BASE_STEPS, JUDGE_STEPS,
+# JUDGE (an AR run to judge with instead of training one: several recipe runs share a judge),
 # PROMPTS (trajectories), TRAJ_VALIDATION (their validation share), OPUT_STEPS, BASE_CONFIG /
 # JUDGE_CONFIG / OPUT_CONFIG (configs/*.yaml), TRAIN_ARGS (key=value for all three trainings),
 # TRAJ_ARGS, EVAL_ARGS, HARNESS_ARGS (the lm-evaluation-harness task the evals run on each checkpoint;
@@ -34,8 +35,13 @@ train() {  # run_dir config steps [key=value ...]: resumes from its last checkpo
 
 echo "== recipe 1/6 block-diffusion pretraining: $BASE_CONFIG, $BASE_STEPS steps"
 train "$RUN/base" "$BASE_CONFIG" "$BASE_STEPS" data.path="$DATA"
-echo "== recipe 2/6 the AR judge of sample quality: $JUDGE_CONFIG, $JUDGE_STEPS steps"
-train "$RUN/judge" "$JUDGE_CONFIG" "$JUDGE_STEPS" data.path="$DATA"
+if [ -n "${JUDGE:-}" ]; then
+  echo "== recipe 2/6 the AR judge of sample quality: $JUDGE (JUDGE)"
+else
+  echo "== recipe 2/6 the AR judge of sample quality: $JUDGE_CONFIG, $JUDGE_STEPS steps"
+  JUDGE="$RUN/judge"
+  train "$JUDGE" "$JUDGE_CONFIG" "$JUDGE_STEPS" data.path="$DATA"
+fi
 echo "== recipe 3/6 self-generated trajectories: the base model answers $PROMPTS train prompts"
 "$PY" -m evals.trajectories --run_dir "$RUN/base" --output "$RUN/trajectories" num_prompts="$PROMPTS" \
   ${TRAJ_EXTRA[@]+"${TRAJ_EXTRA[@]}"}
@@ -53,7 +59,7 @@ echo "== recipe 6/6 evaluate both (perplexity bound; one-token, threshold and SP
 for run in base oput; do
   reference=()
   [ "$run" = oput ] && reference=(reference_run_dir="$RUN/base")
-  "$PY" -m evals --run_dir "$RUN/$run" --once gen_ppl_run_dir="$RUN/judge" data_path="$DATA" wandb_mode=offline \
+  "$PY" -m evals --run_dir "$RUN/$run" --once gen_ppl_run_dir="$JUDGE" data_path="$DATA" wandb_mode=offline \
     ${reference[@]+"${reference[@]}"} ${HARNESS_EXTRA[@]+"${HARNESS_EXTRA[@]}"} ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"}
 done
 echo "== what the recipe measured (python -m evals.summary; [90% intervals over the prompts])"

@@ -120,3 +120,20 @@ def test_end_to_end_on_gcs(gcs_emulator, story_file):
     files = json.loads(gcs_emulator.python(reader, f"{run}/metrics.jsonl", run).strip().splitlines()[-1])
     assert [json.loads(x)["step"] for x in files[f"{run}/metrics.jsonl"].splitlines()] == [10, 20, 30, 40]
     assert ".lock" not in files[run] and "config.yaml" in files[run]  # the run lock was released
+
+
+@pytest.mark.parametrize("judge", ["", "elsewhere/judge"])
+def test_the_recipe_trains_its_judge_unless_given_one(tmp_path, judge):
+    """Every stage's command, recorded by a stand-in Python: with JUDGE the recipe trains no judge
+    and every eval is judged by that run; without it, by the judge it trained."""
+    log, stub = tmp_path / "calls.txt", tmp_path / "python"
+    stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "DATA": "data", "RUN": "run", "PYTHON": str(stub), "JUDGE": judge}
+    result = subprocess.run(["bash", str(ROOT / "recipes" / "dmax.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    used = judge or "run/judge"
+    assert any(c.startswith("-m trainer") and "run_dir=run/judge" in c for c in calls) == (not judge)
+    evals = [c for c in calls if c.startswith("-m evals --run_dir")]
+    assert len(evals) == 2 and all(f"gen_ppl_run_dir={used} " in c for c in evals)
