@@ -39,8 +39,8 @@ class Choice(NamedTuple):
 
 def first_argmax(x, top):
     """The lowest index of `top` (= x.max(-1, keepdims=True)) along the last axis: `jnp.argmax`'s
-    answer, from two vectorised reductions (XLA:CPU's variadic argmax reduction is ~3x slower,
-    and at batch 32 it is most of what a decoding pass adds to its forward)."""
+    answer, from two vectorised reductions (XLA:CPU's variadic argmax reduction took 3x as long
+    on [32, 16, 4096] logits)."""
     index = jnp.arange(x.shape[-1], dtype=jnp.float32)  # exact up to 2**24 tokens
     return jnp.min(jnp.where(x == top, index, jnp.inf), -1).astype(jnp.int32)
 
