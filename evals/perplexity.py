@@ -61,11 +61,16 @@ def evaluate(graphdef, params, run_cfg: Config, manifest: dict[str, Any], cfg: P
             "ppl_time_samples": 0 if objective.exact else len(grid)}
 
 
-def prompts(run_cfg: Config, manifest: dict[str, Any], count: int, length: int) -> np.ndarray:
-    """[count, length]: the first `length` tokens of the first long-enough validation documents."""
+def prompt_documents(run_cfg: Config, manifest: dict[str, Any], count: int, length: int) -> list[np.ndarray]:
+    """The first `count` validation documents of `length`+ tokens: the prompts' sources."""
     docs = data.documents(run_cfg.data.path, manifest, "validation")
-    chosen = [d["tokens"][:length] for d in itertools.islice((d for d in docs if len(d["tokens"]) >= length), count)]
+    chosen = [d["tokens"] for d in itertools.islice((d for d in docs if len(d["tokens"]) >= length), count)]
     if len(chosen) < count:
         raise data.DataError(f"the validation split of {run_cfg.data.path} has only {len(chosen)} documents of "
                              f"{length}+ tokens: lower sampling.num_samples or sampling.prompt_tokens")
-    return np.stack(chosen).astype(np.int32)
+    return chosen
+
+
+def prompts(run_cfg: Config, manifest: dict[str, Any], count: int, length: int) -> np.ndarray:
+    """[count, length]: the first `length` tokens of the first long-enough validation documents."""
+    return np.stack([d[:length] for d in prompt_documents(run_cfg, manifest, count, length)]).astype(np.int32)

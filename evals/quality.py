@@ -1,17 +1,118 @@
-"""Sample quality (generative perplexity under an AR checkpoint, distinct-n diversity) and each
-sampler's speed and quality figures, with bootstrap intervals over the prompts."""
+"""Sample quality and each sampler's speed and quality figures, with bootstrap intervals over the
+prompts. Quality is exact where the data allows it: on the built-in corpus every sample is parsed
+against the corpus's grammar (sentence validity, story correctness); diversity (distinct
+continuations, distinct-n, unigram entropy) is read against the prompts' real continuations,
+since a figure that rewards collapse is no figure; generative perplexity under an AR checkpoint
+is secondary (it finds repeated words likely)."""
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tokenizers import Tokenizer
 
 from evals.decoders.common import Samples, generated_lengths
+from pipelines import corpus
 from trainer.objectives.masking import token_nll
 
 BOOTSTRAP = 1000  # resamples of the prompts for the 90% intervals
 INTERVAL = (5, 95)  # percentiles
+# A decoder writes at the reference's quality when its story correctness is at least this share of
+# the reference's and its distinct continuations and distinct-2 at least DIVERSITY_SHARE of them.
+CORRECTNESS_SHARE = 0.95
+DIVERSITY_SHARE = 0.9
+REFERENCE_KEYS = ("story_correctness", "distinct_continuations", "distinct_2", "gen_ppl")  # a reference's figures
+
+
+class Prompts(NamedTuple):
+    """What samples are read against: the prompts' validation documents."""
+    tokenizer: Tokenizer
+    bos_id: int | None  # a document's first token, not text
+    real: list[np.ndarray]  # each prompt's real continuation (at most gen_length tokens, to its EOS)
+    grammar: bool  # every document is a correct story of the built-in corpus: samples are checked
+
+    def text(self, tokens: np.ndarray) -> str:
+        """The text of `tokens`, special tokens (a mask left in a sample) written out, a leading BOS not."""
+        tokens = np.asarray(tokens).tolist()
+        return self.tokenizer.decode(tokens[1:] if tokens[:1] == [self.bos_id] else tokens, skip_special_tokens=False)
+
+
+def read_prompts(tokenizer: Tokenizer, documents: list[np.ndarray], prompt_len: int, gen_length: int,
+                 ids: dict[str, int | None]) -> Prompts:
+    """The real continuations of the prompts, and whether the built-in grammar describes the data
+    (every document parses as a correct story: real TinyStories never does). `ids`: the special ids."""
+    eos = ids["eos"]
+    real = [_to_eos(doc[prompt_len:prompt_len + gen_length], eos) for doc in documents]
+    prompts = Prompts(tokenizer, ids.get("bos"), real, False)
+    grammar = all(corpus.check_story("", prompts.text(_to_eos(doc, eos)), ended=True).correct for doc in documents)
+    return prompts._replace(grammar=grammar)
+
+
+def _to_eos(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+    ends = np.flatnonzero(tokens == eos_id)
+    return tokens[:ends[0]] if len(ends) else tokens
+
+
+def unigram_entropy(sequences: list[np.ndarray]) -> float:
+    """Entropy in bits of the tokens pooled over the samples (collapse onto few words lowers it)."""
+    _, counts = np.unique(np.concatenate(sequences) if sequences else np.zeros(0, np.int64), return_counts=True)
+    p = counts / max(counts.sum(), 1)
+    return float(-(p * np.log2(p)).sum())
+
+
+def diversity(sequences: list[np.ndarray]) -> dict[str, float]:
+    """Distinct continuations (unique samples / samples: prompts continued into the same text),
+    distinct-n and unigram entropy."""
+    return {"distinct_continuations": len({tuple(s.tolist()) for s in sequences}) / max(len(sequences), 1),
+            **{f"distinct_{n}": distinct_n(sequences, n) for n in (1, 2, 3)},
+            "unigram_entropy": unigram_entropy(sequences)}
+
+
+def story_checks(out: Samples, prompt_len: int, eos_id: int, prompts: Prompts) -> list[corpus.StoryCheck]:
+    """Each sample parsed against the built-in grammar (prompt + generation to its first EOS; a
+    sample without EOS was cut at the generation limit, so its last sentence is judged as a prefix)."""
+    checks = []
+    for row in out.tokens:
+        generated = row[prompt_len:]
+        ended = bool((generated == eos_id).any())
+        checks.append(corpus.check_story(prompts.text(row[:prompt_len]), prompts.text(_to_eos(generated, eos_id)),
+                                         ended))
+    return checks
+
+
+def correctness(checks: list[corpus.StoryCheck]) -> dict[str, Any]:
+    """Story correctness (share of samples without an error) and sentence validity (valid / complete
+    generated sentences), each with its interval; and each sample's first error ("" = none)."""
+    valid = np.array([c.valid for c in checks], float)
+    sentences = np.array([c.sentences for c in checks], float)
+    correct = np.array([c.correct for c in checks], float)
+    return {"story_correctness": float(correct.mean()),
+            "story_correctness_interval": pooled_interval(correct, np.ones_like(correct)),
+            "sentence_validity": float(valid.sum() / max(sentences.sum(), 1)),
+            "sentence_validity_interval": pooled_interval(valid, sentences),
+            "story_errors": [c.errors[0] if c.errors else "" for c in checks]}
+
+
+def real_continuations(prompts: Prompts) -> dict[str, Any]:
+    """The figures of the data itself, what a sampler's diversity is read against."""
+    return {"sequences": len(prompts.real), **diversity(prompts.real),
+            **({"story_correctness": 1.0, "sentence_validity": 1.0} if prompts.grammar else {})}
+
+
+def versus_reference(metrics: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """A sampler's quality as ratios to the reference's, and whether it is at the reference's
+    quality (exact measures only: absent where the data has no checker)."""
+    ratios = {f"{key}_vs_reference": metrics[key] / reference[key]
+              for key in REFERENCE_KEYS
+              if metrics.get(key) is not None and reference.get(key)}
+    shares = {"story_correctness": CORRECTNESS_SHARE, "distinct_continuations": DIVERSITY_SHARE,
+              "distinct_2": DIVERSITY_SHARE}
+    if all(metrics.get(key) is not None and reference.get(key) is not None for key in shares):
+        ratios["at_reference_quality"] = all(metrics[key] >= share * reference[key] for key, share in shares.items())
+    return ratios
 
 
 def distinct_n(sequences: list[np.ndarray], n: int) -> float:
@@ -42,11 +143,12 @@ def pooled_interval(numerator_B: np.ndarray, denominator_B: np.ndarray, transfor
     return [float(v) for v in np.percentile(values, INTERVAL)]
 
 
-def sampler_metrics(out: Samples, prompt_len: int, eos_id: int, judge=None) -> dict:
+def sampler_metrics(out: Samples, prompt_len: int, eos_id: int, judge=None, prompts: Prompts | None = None) -> dict:
     """Speed and quality of one sampler's output, counted per sequence (as if decoded alone):
     tokens per forward = generated tokens (to the first EOS) / the forwards the sequences needed,
     each with a bootstrap interval over the prompts. `judge`: (graphdef, params) of an AR model
-    for generative perplexity."""
+    for generative perplexity; `prompts`: the prompts' documents, for story correctness where the
+    built-in grammar describes them."""
     lengths = generated_lengths(out, prompt_len, eos_id)
     generated = [row[prompt_len:prompt_len + n] for row, n in zip(out.tokens, lengths)]
     metrics = {
@@ -58,8 +160,10 @@ def sampler_metrics(out: Samples, prompt_len: int, eos_id: int, judge=None) -> d
         "seconds": round(out.seconds, 4),
         "mean_length": float(lengths.mean()),
         "sequences": len(lengths),
-        **{f"distinct_{n}": distinct_n(generated, n) for n in (1, 2, 3)},
+        **diversity(generated),
     }
+    if prompts is not None and prompts.grammar:
+        metrics.update(correctness(story_checks(out, prompt_len, eos_id, prompts)))
     if judge is not None:
         nll = generated_nll(*judge, out.tokens, prompt_len, lengths)
         metrics["gen_ppl"] = float(np.exp(nll.sum() / lengths.sum()))

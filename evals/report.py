@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from evals import quality
 from evals.summary import sampler_rows
 
 _STYLE = """
@@ -12,7 +13,7 @@ body{font-family:system-ui,sans-serif;max-width:1250px;margin:2em auto;color:#22
 table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
 th{background:#f4f4f4}.sample{white-space:pre-wrap;background:#fafafa;border-left:3px solid #888;padding:6px}
 .tok{display:inline-block;margin:1px;padding:1px 3px;border-radius:3px;font-family:monospace;white-space:pre}
-.mismatched{color:#b00;font-weight:bold}
+.mismatched{color:#b00;font-weight:bold}.ok{color:#070}
 """
 SHOWN = 4  # samples shown per decoder
 _COLOURS = ["#36c", "#d62", "#393", "#939", "#c93", "#099", "#666"]
@@ -66,12 +67,17 @@ def plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: st
             f'aria-label="{html.escape(y_label)} vs {html.escape(x_label)}">{"".join(parts)}</svg>')
 
 
-_COLUMNS = {"tokens per forward": "tokens_per_forward", "gen-ppl": "gen_ppl", "x reference": "gen_ppl_vs_reference",
-            "distinct-2": "distinct_2", "mean length": "mean_length", "tokens/s": "tokens_per_s"}
+_COLUMNS = {"tokens per forward": "tokens_per_forward", "story correctness": "story_correctness",
+            "x reference": "story_correctness_vs_reference", "sentence validity": "sentence_validity",
+            "distinct continuations": "distinct_continuations", "distinct-2": "distinct_2",
+            "unigram entropy (bits)": "unigram_entropy", "gen-ppl": "gen_ppl", "gen-ppl x reference": "gen_ppl_vs_reference",
+            "at reference quality": "at_reference_quality", "mean length": "mean_length", "tokens/s": "tokens_per_s"}
 
 
-def _sampler_table(rows: list[dict[str, Any]], reference: dict[str, Any] | None, run_dir: str) -> str:
-    head = "".join(f"<th>{c}</th>" for c in ["decoder", *_COLUMNS])
+def _sampler_table(rows: list[dict[str, Any]], reference: dict[str, Any] | None, run_dir: str,
+                   real: dict[str, Any] | None) -> str:
+    columns = {c: key for c, key in _COLUMNS.items() if any(key in m for m in rows)}  # none the data lacks
+    head = "".join(f"<th>{c}</th>" for c in ["decoder", *columns])
     cells = []
     for m in rows:
         label = html.escape(m["label"])
@@ -80,20 +86,36 @@ def _sampler_table(rows: list[dict[str, Any]], reference: dict[str, Any] | None,
         if m.get("matched") is False:
             label += f' <span class="mismatched">mismatched ({html.escape(str(m.get("attention")))})</span>'
         cells.append(f"<tr><th>{label}</th>" + "".join(f"<td>{_fmt(m.get(key))}{_band(m, key)}</td>"
-                                                      for key in _COLUMNS.values()) + "</tr>")
-    where = (f"{reference['sampler']} of {html.escape(str(reference['run_dir']))} at step {reference['step']}, "
-             f"gen-ppl {reference['gen_ppl']:.3f}" if reference and reference.get("gen_ppl") else "none")
+                                                      for key in columns.values()) + "</tr>")
+    if real:
+        cells.append("<tr><th>real continuations</th>" + "".join(f"<td>{_fmt(real.get(key))}</td>"
+                                                                 for key in columns.values()) + "</tr>")
+    where = (f"{reference['sampler']} of {html.escape(str(reference['run_dir']))} at step {reference['step']}"
+             if reference and reference.get("sampler") else "none")
     note = ("<p>Per sequence, as if decoded alone: tokens per forward = generated tokens (to the first EOS) / "
             "forwards the sequence needed, KV-cache writes included; [brackets]: 90% bootstrap interval over the "
-            f"prompts. gen-ppl: perplexity of the samples under the AR judge; x reference: its ratio to the quality "
-            f"reference ({where}). A mismatched decoder decodes with another attention than the model was "
-            "trained with.</p>")
+            "prompts. Story correctness: share of samples that parse without an error against the built-in "
+            "corpus's grammar (absent for other data); sentence validity: valid / complete generated sentences. "
+            "Distinct continuations: unique samples / samples; distinct-2 and unigram entropy pooled over the "
+            "samples, against the real continuations of the same prompts. gen-ppl (secondary: it finds repeated "
+            f"words likely): perplexity under the AR judge. x reference: ratio to the quality reference ({where}); "
+            f"at reference quality: story correctness >= {quality.CORRECTNESS_SHARE}x and distinct continuations "
+            f"and distinct-2 >= {quality.DIVERSITY_SHARE}x the reference's. A mismatched decoder decodes with "
+            "another attention than the model was trained with.</p>")
     return f"<table><tr>{head}</tr>{''.join(cells)}</table>{note}"
 
 
 def _band(metrics: dict[str, Any], key: str) -> str:
     low, high = metrics.get(f"{key}_interval", (None, None))
     return "" if low is None else f" <small>[{low:,.2f}, {high:,.2f}]</small>"
+
+
+def _verdict(error: str | None) -> str:
+    """A sample's verdict under the corpus grammar (nothing where the data has no checker)."""
+    if error is None:
+        return ""
+    return ('<div class="ok">correct</div>' if not error
+            else f'<div class="mismatched">first error: {html.escape(error)}</div>')
 
 
 def _fmt(value) -> str:
@@ -156,21 +178,26 @@ def render(records: list[dict[str, Any]], run_dir: str) -> str:
         rows = sampler_rows(latest)
         reference = latest.get("quality_reference")
         reference = reference if isinstance(reference, dict) else None  # older ledgers named a sampler
-        parts += [f"<h2>Decoders at step {latest['step']}: speed and quality</h2>", _sampler_table(rows, reference, run_dir)]
+        parts += [f"<h2>Decoders at step {latest['step']}: speed and quality</h2>",
+                  _sampler_table(rows, reference, run_dir, latest.get("real_continuations"))]
+        # The frontier on the exact measure where there is one, else on the judge's.
+        key, label = (("story_correctness", "story correctness") if any("story_correctness" in m for m in rows)
+                      else ("gen_ppl", "gen-ppl (AR judge)"))
         scored: dict[str, list[tuple[float, float]]] = {}  # one curve per decoder through its thresholds
         for m in rows:
-            if "gen_ppl" in m:
-                scored.setdefault(m["name"].split("@")[0], []).append((m["tokens_per_forward"], m["gen_ppl"]))
+            if key in m:
+                scored.setdefault(m["name"].split("@")[0], []).append((m["tokens_per_forward"], m[key]))
         if scored:
-            level = ("reference (one-token)", reference["gen_ppl"]) if reference and reference.get("gen_ppl") else None
-            parts.append(plot({k: sorted(v) for k, v in scored.items()}, "tokens per forward", "gen-ppl (AR judge)",
-                              level=level))
-        shown = {m["name"] for m in rows}
+            level = ("reference (one-token)", reference[key]) if reference and reference.get(key) else None
+            parts.append(plot({k: sorted(v) for k, v in scored.items()}, "tokens per forward", label, level=level))
+        by_name = {m["name"]: m for m in rows}
         for name, samples in latest.get("samples_by_sampler", {}).items():
-            if name not in shown:
+            if name not in by_name:
                 continue
+            errors = by_name[name].get("story_errors") or [None] * len(samples)
             parts += [f"<h2>Latest samples: {html.escape(name)} (the first {min(len(samples), SHOWN)})</h2>",
-                      *[f'<div class="sample">{html.escape(s)}</div>' for s in samples[:SHOWN]]]
+                      *[f'<div class="sample">{html.escape(s)}{_verdict(e)}</div>'
+                        for s, e in zip(samples[:SHOWN], errors)]]
         if latest.get("trace"):
             traced = html.escape(latest["trace"].get("sampler", ""))
             parts += [f"<h2>Draft and polish: one {traced} sample, pass by pass</h2>", _trace(latest["trace"])]

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 from etils import epath
 
 from evals import decoders, ledger, perplexity, quality, report, runs
@@ -42,8 +43,11 @@ class Evaluator:
         self.tokenizer = runs.tokenizer(self.run_cfg.data.path, self.manifest)
         self.ids = data.special_ids(self.manifest)
         s = cfg.sampling
-        self.prompt = (perplexity.prompts(self.run_cfg, self.manifest, s.num_samples, s.prompt_tokens)
-                       if self.samplers else None)
+        self.prompt = self.prompts = None
+        if self.samplers:
+            documents = perplexity.prompt_documents(self.run_cfg, self.manifest, s.num_samples, s.prompt_tokens)
+            self.prompt = np.stack([d[:s.prompt_tokens] for d in documents]).astype(np.int32)
+            self.prompts = quality.read_prompts(self.tokenizer, documents, s.prompt_tokens, s.gen_length, self.ids)
         self.exported = runs.exported_step(run_dir)  # a trainer.export directory, not a run
         self.mngr = None if self.exported is not None else checkpointing.reader(run_dir)
         self.ledger = ledger.Ledger(run_dir)
@@ -72,7 +76,7 @@ class Evaluator:
         same_sampling = ("num_samples", "prompt_tokens", "gen_length", "seed")
         for record in reversed(ledger.Ledger(self.cfg.reference_run_dir).records()):
             reference = record.get("quality_reference")
-            if not isinstance(reference, dict) or reference.get("gen_ppl") is None:
+            if not isinstance(reference, dict) or all(reference.get(k) is None for k in quality.REFERENCE_KEYS):
                 continue
             theirs = record["settings"]
             differs = [k for k in same if theirs.get(k) != getattr(self.cfg, k)] + [
@@ -81,8 +85,8 @@ class Evaluator:
                 raise RunError(f"reference_run_dir {self.cfg.reference_run_dir} was evaluated with other "
                                f"{', '.join(differs)}: evaluate both with the same settings")
             return reference
-        raise RunError(f"reference_run_dir {self.cfg.reference_run_dir} has no evaluated one-token decoding with a "
-                       f"gen-ppl: run python -m evals on it first (with gen_ppl_run_dir)")
+        raise RunError(f"reference_run_dir {self.cfg.reference_run_dir} has no evaluated one-token decoding: run "
+                       f"python -m evals on it first")
 
     def _harness(self):
         """The lm-evaluation-harness tasks run on each step (harness.tasks), or None; lm_eval is imported
@@ -181,7 +185,7 @@ class Evaluator:
             out = decoders.generate(name, graphdef, params, prompt, s, mask, eos, jax.random.key(s.seed))
             metrics = {"matched": decoders.is_matched(name, self.run_cfg.objective.name),
                        "attention": decoders.get(name).attention,
-                       **quality.sampler_metrics(out, s.prompt_tokens, eos, self.judge)}
+                       **quality.sampler_metrics(out, s.prompt_tokens, eos, self.judge, self.prompts)}
             samplers[name], outputs[name] = metrics, out
             seconds[name] = out.seconds
         for name in outputs:
@@ -194,15 +198,16 @@ class Evaluator:
                 samplers[name][f"agreement_with_{decoders.parse(twin)[0]}"] = float(same.mean())
         own = next((n for n in outputs if decoders.is_one_token(n, s)), None)
         reference = self.reference or (own and {"run_dir": self.run_dir, "step": step, "sampler": own,
-                                                "gen_ppl": samplers[own].get("gen_ppl")})
-        if reference and reference["gen_ppl"] is not None:
+                                                **{k: samplers[own].get(k) for k in quality.REFERENCE_KEYS}})
+        if reference:
             for metrics in samplers.values():
-                metrics["gen_ppl_vs_reference"] = metrics["gen_ppl"] / reference["gen_ppl"]
+                metrics.update(quality.versus_reference(metrics, reference))
         traced = list(outputs)[-1]  # the last one asked for (auto: the most parallel decoder)
         shown = outputs[traced]
         return {
             "samplers": samplers,
             "quality_reference": reference,
+            "real_continuations": quality.real_continuations(self.prompts),
             "samples_by_sampler": {name: [self.tokenizer.decode(row.tolist()) for row in out.tokens]
                                    for name, out in outputs.items()},
             "samples": [self.tokenizer.decode(row.tolist()) for row in shown.tokens],

@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-from evals import decoders, ledger
+from evals import decoders, ledger, quality
 
 
 def sampler_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -43,8 +43,34 @@ def _interval(metrics: dict[str, Any], key: str) -> str:
     return "" if low is None else f" [{low:.2f}, {high:.2f}]"
 
 
+def _versus(metrics: dict[str, Any], key: str) -> str:
+    ratio = metrics.get(f"{key}_vs_reference")
+    return "" if ratio is None else f" = {ratio:.2f}x"
+
+
+def quality_text(row: dict[str, Any]) -> str:
+    """A decoder's quality in words: exact correctness where the data has a checker, diversity,
+    gen-ppl (secondary), and whether it writes at the reference's quality."""
+    parts = []
+    if "story_correctness" in row:
+        parts.append(f"correct {row['story_correctness']:.2f}{_interval(row, 'story_correctness')}"
+                     f"{_versus(row, 'story_correctness')}, sentences {row['sentence_validity']:.2f}")
+    if "distinct_continuations" in row:
+        parts.append(f"distinct {row['distinct_continuations']:.2f}{_versus(row, 'distinct_continuations')}, "
+                     f"distinct-2 {row['distinct_2']:.3f}{_versus(row, 'distinct_2')}, "
+                     f"entropy {row['unigram_entropy']:.2f} bits")
+    else:  # a record of an evaluator before the diversity figures
+        parts.append(f"distinct-2 {row['distinct_2']:.3f}")
+    if "gen_ppl" in row:
+        parts.append(f"gen-ppl {row['gen_ppl']:.2f}{_interval(row, 'gen_ppl')}{_versus(row, 'gen_ppl')}")
+    if "at_reference_quality" in row:
+        parts.append("at reference quality" if row["at_reference_quality"] else "below reference quality")
+    return " | ".join(parts)
+
+
 def text(run_dir: str) -> str:
-    """The latest evaluated step of a run as a plain-text table."""
+    """The latest evaluated step of a run as a plain-text table: per decoder, tokens per forward
+    and quality, with the real continuations' figures to read diversity against."""
     records = [r for r in ledger.Ledger(run_dir).records() if "error" not in r]
     if not records:
         return f"{run_dir}: not evaluated yet"
@@ -53,16 +79,17 @@ def text(run_dir: str) -> str:
     bound = ", ".join(f"{k} {v:.3f}" for k, v in ppl.items() if k in ("ppl_bound", "ar_ppl"))
     reference = latest.get("quality_reference") or {}
     lines = [f"{run_dir} step {latest['step']} ({latest['objective']}): {bound}"]
-    if isinstance(reference, dict) and reference.get("gen_ppl") is not None:
-        lines.append(f"  quality reference: {reference['sampler']} of {reference['run_dir']} step {reference['step']}, "
-                     f"gen-ppl {reference['gen_ppl']:.3f}")
+    if isinstance(reference, dict) and reference.get("sampler"):
+        figures = ", ".join(f"{key} {reference[key]:.3f}" for key in quality.REFERENCE_KEYS
+                            if reference.get(key) is not None)
+        lines.append(f"  quality reference: {reference['sampler']} of {reference['run_dir']} step {reference['step']}"
+                     f" ({figures})")
     for row in sampler_rows(latest):
-        quality = (f"gen-ppl {row['gen_ppl']:.3f}{_interval(row, 'gen_ppl')}"
-                   f" = {row['gen_ppl_vs_reference']:.2f}x reference" if "gen_ppl_vs_reference" in row else
-                   f"gen-ppl {row['gen_ppl']:.3f}" if "gen_ppl" in row else "no judge")
         lines.append(f"  {row['label']:<36} {row['tokens_per_forward']:.2f}{_interval(row, 'tokens_per_forward')} "
-                     f"tokens/forward, {quality}, distinct-2 {row['distinct_2']:.3f} "
-                     f"({row.get('sequences', '?')} prompts)")
+                     f"tokens/forward | {quality_text(row)} ({row.get('sequences', '?')} prompts)")
+    real = latest.get("real_continuations")
+    if real:
+        lines.append(f"  {'real continuations':<36} {'':<33}| {quality_text(real)}")
     return "\n".join(lines)
 
 

@@ -456,6 +456,12 @@ def test_once_on_a_bd3lm_run_uses_the_block_causal_samplers_and_its_bound(bd3lm_
     assert record["settings"]["sampling"]["block_length"] == 8  # the run's objective.block_size
     assert 0 <= record["samplers"]["spd"]["agreement_with_spd_cached"] <= 1
     assert record["quality_reference"]["sampler"] == "one_token" and record["quality_reference"]["step"] == 40
+    # The built-in corpus: every decoder is checked against its grammar, the data's own figures beside.
+    assert record["real_continuations"]["story_correctness"] == 1.0
+    for metrics in record["samplers"].values():
+        assert 0 <= metrics["story_correctness"] <= 1 and len(metrics["story_errors"]) == 2
+        assert isinstance(metrics["at_reference_quality"], bool)
+    assert record["samplers"]["one_token"]["at_reference_quality"]  # the reference is at its own quality
     assert np.isfinite(record["perplexity"]["ppl_bound"]) and record["perplexity"]["ppl_bound"] > 1
     pieces = record["trace"]["pieces"]  # decoded text pieces, not byte-level BPE markers
     assert "".join(p for p in pieces if not p.startswith("<|")) == record["samples"][0]
@@ -507,8 +513,10 @@ def test_twins_are_one_row_and_the_reference_is_marked(tmp_path):
     page = report.render([record], "runs/oput")
     assert page.count("spd@0.7") == 1 and "97% agreement" in page
     assert "stroke-dasharray" in page and "reference (one-token) 4</text>" in page  # the reference level
-    assert "gen-ppl 4.000" in page and "[2.40, 2.60]" in page
+    assert "one_token of runs/base at step 300" in page and "[2.40, 2.60]" in page
+    assert "<th>story correctness</th>" not in page  # no checker for this data: the column is absent, not zero
     ledger.Ledger(str(tmp_path)).append(record)
     printed = summary.text(str(tmp_path))
-    assert "quality reference: one_token of runs/base step 300, gen-ppl 4.000" in printed
-    assert "spd_cached@0.7 (= spd@0.7, 97% agreement)" in printed and "1.25x reference" in printed
+    assert "quality reference: one_token of runs/base step 300 (gen_ppl 4.000)" in printed
+    assert "spd_cached@0.7 (= spd@0.7, 97% agreement)" in printed and "gen-ppl 5.00 = 1.25x" in printed
+    assert "reference quality" not in printed  # judged only by an exact measure
