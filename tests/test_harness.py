@@ -9,7 +9,6 @@ import itertools
 import json
 import os
 import pathlib
-import random
 import shutil
 import subprocess
 import sys
@@ -64,13 +63,11 @@ def arithmetic_rows(tmp_path_factory) -> pathlib.Path:
     sample = SHARED_DATA / "dmax" / "trajectories-sample.jsonl"
     if sample.exists():
         return sample
-    rng = random.Random(0)
-    rows = [{"question": f"Tom has {a} apples and gets {b} more. How many apples does he have?",
-             "answer": f"He has {a} + {b} = {a + b} apples.\nThe answer is {a + b}."}
-            for a, b in ((rng.randint(2, 40), rng.randint(2, 40)) for _ in range(20))]
-    path = tmp_path_factory.mktemp("arithmetic") / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    from pipelines import arithmetic
+
+    folder = tmp_path_factory.mktemp("arithmetic")
+    arithmetic.write_splits(str(folder), 20, 20, seed=0, max_number=10)
+    return folder / "heldout.jsonl"
 
 
 def requests(kind: str, args: list[tuple]) -> list[Instance]:
