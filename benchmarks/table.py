@@ -90,11 +90,64 @@ def _figure(row: dict) -> str:
     return f"{tpf:.2f} tokens/forward, gen-ppl {ppl:.2f}"
 
 
+def _spread(value: dict | float, digits: int = 2) -> str:
+    if isinstance(value, dict):
+        return f"{value['median']:.{digits}f} [{value['min']:.{digits}f}, {value['max']:.{digits}f}]"
+    return f"{value:.{digits}f}"
+
+
 def decoding(r: dict) -> list[Row]:
-    """Per model: its one-token row, and per parallel sampler the fastest threshold whose gen-ppl
-    is within 1.1x the base model's one-token decoding (the recipe's goal line)."""
+    """Per model and decoder (the fastest threshold that keeps the base's quality where one does):
+    tokens per forward and quality, median [min, max] over the seeds; the goals per seed."""
     if "skipped" in r:
         return [(f"decoding ({r.get('corpus', 'shared')} corpus)", "skipped", r["skipped"], "")]
+    if "real_continuations" not in r:
+        return _decoding_by_gen_ppl(r)
+    summary, corpus, real = r["summary"], r["corpus"], r["real_continuations"]
+    rows = []
+    for model, table in summary.items():
+        for name, row in table["rows"].items():
+            if "@" in name and name.split("@")[1] != "0.9" and model != "oput":
+                continue  # the base's and MDLM's parallel decoders at the default threshold only
+            exact = (f", correct {_spread(row['story_correctness'])}" if "story_correctness" in row else "")
+            rows.append((f"decoding ({corpus}): {model} {name}" + (f", {table['seeds']} seeds" if "seeds" in table else ""),
+                         f"{_spread(row['tokens_per_forward'])} tokens/forward{exact}, distinct-2 "
+                         f"{_spread(row['distinct_2'], 3)}",
+                         f"real continuations: distinct-2 {real['distinct_2']:.3f}", ""))
+    goals = r["goals"]
+    if "skipped" in goals:
+        return rows + [(f"decoding ({corpus}) goals", "skipped", goals["skipped"], "")]
+    base = goals["base_threshold_at_its_quality"]["tokens_per_forward_per_seed"]
+    for sampler in ("threshold", "spd_cached"):
+        goal = goals[f"oput_{sampler}"]
+        rows.append((f"decoding ({corpus}) goal: {goal['goal']}",
+                     f"median {goal['median']:.2f} tokens/forward, per seed "
+                     + ", ".join(f"{v:.2f}" for v in goal["tokens_per_forward_per_seed"]),
+                     "base threshold at its quality, per seed " + ", ".join(f"{v:.2f}" for v in base),
+                     f"{goal['vs_base_threshold_median']} ({'met' if goal['met'] else 'not met'})"))
+    rows += _overhead(r)
+    for name, row in r.get("ablation", {}).items():
+        rows.append((f"OPUT ablation ({corpus}): {name}", f"bound {row['ppl_bound']:.2f}, threshold "
+                     f"{row['threshold_tokens_per_forward_at_base_quality']:.2f} / SPD "
+                     f"{row['spd_cached_tokens_per_forward_at_base_quality']:.2f} tokens/forward at the base's quality",
+                     "one-token correctness vs the base's",
+                     f"{row['one_token_vs_base'].get('story_correctness_vs_reference', '-')}"))
+    return rows
+
+
+def _overhead(r: dict) -> list[Row]:
+    overhead = r.get("decoder_overhead")
+    if not overhead:
+        return []
+    return [(f"decoding ({r['corpus']}): cached decoder time per forward vs a bare forward (worst of batch 1 / "
+             f"{[k for k in overhead if k.startswith('batch_')][-1][6:]}, one_token and spd_cached)",
+             f"{overhead['worst_vs_bare']}x", "goal <= 1.25x", "met" if overhead["met"] else "not met")]
+
+
+def _decoding_by_gen_ppl(r: dict) -> list[Row]:
+    """A result written before the exact measure (decoding.py judged quality by gen-ppl then): per
+    model, its one-token row, and per parallel sampler the fastest threshold whose gen-ppl is
+    within 1.1x the base model's one-token decoding."""
     summary, corpus = r["summary"], r["corpus"]
     base_ppl = summary["base"]["rows"]["one_token"]["gen_ppl"]
     reference = _median(base_ppl)
@@ -117,11 +170,7 @@ def decoding(r: dict) -> list[Row]:
         rows.append((f"decoding ({corpus}) goal: {goal['goal']}", f"median {goal['median']:.2f}, per seed "
                      + ", ".join(f"{v:.2f}" for v in per_seed), f"best: {goal.get('best_rows', '')}",
                      "met" if goal["met"] else "not met"))
-    overhead = r.get("decoder_overhead")
-    if overhead:
-        rows.append((f"decoding ({corpus}): cached decoder time per forward vs a bare forward (worst of batch 1 / "
-                     f"{[k for k in overhead if k.startswith('batch_')][-1][6:]}, one_token and spd_cached)",
-                     f"{overhead['worst_vs_bare']}x", "goal <= 1.25x", "met" if overhead["met"] else "not met"))
+    rows += _overhead(r)
     for name, row in r.get("ablation", {}).items():
         rows.append((f"OPUT ablation ({corpus}): {name}", f"bound {row['ppl_bound']:.2f}, threshold "
                      f"{row['threshold_tokens_per_forward_within_1.2x']:.2f} / SPD "
@@ -152,6 +201,26 @@ def oput(r: dict) -> list[Row]:
     ]
 
 
+def learning(r: dict) -> list[Row]:
+    """Steps to each story-correctness level per arm and seed, against the AR twin's; the last
+    evaluated step's correctness."""
+    rows = []
+    ar = r["steps_to"].get("ar", {})
+    for name, levels in r["steps_to"].items():
+        for level, steps in levels.items():
+            ratio = r["vs_ar"].get(name, {}).get(level, {}).get("median")
+            rows.append((f"learning: {name}, steps to story correctness >= {level} ({r['seeds']} seeds)",
+                         ", ".join("-" if s is None else str(s) for s in steps),
+                         "AR " + ", ".join("-" if s is None else str(s) for s in ar.get(level, [])) if name != "ar" else "",
+                         "" if name == "ar" else ("not reached" if ratio is None else f"{ratio:.2f}")))
+    for name, by_seed in r["curves"].items():
+        last = [curve[-1] for curve in by_seed.values()]
+        rows.append((f"learning: {name}, story correctness at step {last[0]['step']}",
+                     ", ".join(f"{c['story_correctness']:.2f}" for c in last),
+                     "sentence validity " + ", ".join(f"{c['sentence_validity']:.2f}" for c in last), ""))
+    return rows
+
+
 def harness_levels(r: dict) -> list[Row]:
     """The harness's diffusion loglikelihood per number of noise levels K."""
     return [(f"harness loglikelihood, {model}, K = {key[2:]} noise levels ({r[model]['requests']} cloze requests)",
@@ -161,7 +230,7 @@ def harness_levels(r: dict) -> list[Row]:
 
 
 RENDER = {"preprocess": preprocess, "train_step": train_step, "decoding": decoding, "decoding_shared": decoding,
-          "quality": quality, "oput": oput, "harness_levels": harness_levels}
+          "quality": quality, "oput": oput, "harness_levels": harness_levels, "learning": learning}
 
 
 def render(latest: dict) -> str:
