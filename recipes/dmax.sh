@@ -15,7 +15,7 @@ PY=${PYTHON:-.venv/bin/python}
 : "${DATA:?set DATA to a preprocess output (python -m pipelines.preprocess ...)}"
 RUN=${RUN:-runs/dmax}
 BASE_STEPS=${BASE_STEPS:-300}
-JUDGE_STEPS=${JUDGE_STEPS:-300}
+JUDGE_STEPS=${JUDGE_STEPS:-$BASE_STEPS}  # the AR twin at the base's budget
 PROMPTS=${PROMPTS:-1024}
 OPUT_STEPS=${OPUT_STEPS:-150}
 BASE_CONFIG=${BASE_CONFIG:-configs/tinystories_tiny_bd3lm.yaml}
@@ -35,9 +35,11 @@ train() {  # run_dir config steps [key=value ...]: resumes from its last checkpo
 
 echo "== recipe 1/6 block-diffusion pretraining: $BASE_CONFIG, $BASE_STEPS steps"
 train "$RUN/base" "$BASE_CONFIG" "$BASE_STEPS" data.path="$DATA"
+OWN_JUDGE=0
 if [ -n "${JUDGE:-}" ]; then
   echo "== recipe 2/6 the AR judge of sample quality: $JUDGE (JUDGE)"
 else
+  OWN_JUDGE=1
   echo "== recipe 2/6 the AR judge of sample quality: $JUDGE_CONFIG, $JUDGE_STEPS steps"
   JUDGE="$RUN/judge"
   train "$JUDGE" "$JUDGE_CONFIG" "$JUDGE_STEPS" data.path="$DATA"
@@ -53,7 +55,7 @@ if [ ! -f "$RUN/trajectories_data/manifest.json" ]; then
 fi
 echo "== recipe 5/6 OPUT from the block-diffusion model: $OPUT_CONFIG, $OPUT_STEPS steps"
 train "$RUN/oput" "$OPUT_CONFIG" "$OPUT_STEPS" data.path="$RUN/trajectories_data" train.init_from_run="$RUN/base"
-echo "== recipe 6/6 evaluate both (perplexity bound; one-token, threshold and SPD decoding)"
+echo "== recipe 6/6 evaluate both (perplexity bound; one-token, threshold and SPD decoding) and the AR twin"
 [ "${EVALS:-1}" = 0 ] && exit 0
 # The OPUT run's quality reference is the base model's one-token decoding (same prompts and judge).
 for run in base oput; do
@@ -62,6 +64,12 @@ for run in base oput; do
   "$PY" -m evals --run_dir "$RUN/$run" --once gen_ppl_run_dir="$JUDGE" data_path="$DATA" wandb_mode=offline \
     ${reference[@]+"${reference[@]}"} ${HARNESS_EXTRA[@]+"${HARNESS_EXTRA[@]}"} ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"}
 done
+summarised=("$RUN/base" "$RUN/oput")
+if [ "$OWN_JUDGE" = 1 ]; then  # the AR twin's own greedy stories, at the same budget, beside the base's
+  "$PY" -m evals --run_dir "$JUDGE" --once samplers=causal data_path="$DATA" wandb_mode=offline \
+    ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"}
+  summarised+=("$JUDGE")
+fi
 echo "== what the recipe measured (python -m evals.summary; [90% intervals over the prompts])"
-"$PY" -m evals.summary "$RUN/base" "$RUN/oput"
+"$PY" -m evals.summary "${summarised[@]}"
 echo "reports: $RUN/base/evals/report.html  $RUN/oput/evals/report.html"

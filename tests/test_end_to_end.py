@@ -70,7 +70,11 @@ def test_readme_first_command_end_to_end(tmp_path):
     reference = oput[-1]["quality_reference"]  # OPUT's quality is measured against the base's one-token decoding
     assert reference["run_dir"] == f"{run}/base" and reference["step"] == 40 and reference["sampler"] == "one_token"
     assert reference["gen_ppl"] == base["samplers"]["one_token"]["gen_ppl"]
-    assert f"{run}/oput step 10 (oput)" in result.stdout and "x reference" in result.stdout  # the printed summary
+    # The printed summary: exact correctness per decoder against the base's, the data's own figures,
+    # and the AR twin's stories at its budget.
+    assert f"{run}/oput step 10 (oput)" in result.stdout and "reference quality" in result.stdout
+    assert "real continuations" in result.stdout and f"{run}/judge step 20 (ar)" in result.stdout
+    assert all(0 <= m["story_correctness"] <= 1 for m in base["samplers"].values())
     cloze = base["harness"]["scores"]["tinystories_cloze"]  # one harness task on every checkpoint, in the report
     assert 0 <= cloze["acc,none"] <= 1 and "tinystories_cloze" in (run / "base" / "evals" / "report.html").read_text()
 
@@ -136,4 +140,8 @@ def test_the_recipe_trains_its_judge_unless_given_one(tmp_path, judge):
     used = judge or "run/judge"
     assert any(c.startswith("-m trainer") and "run_dir=run/judge" in c for c in calls) == (not judge)
     evals = [c for c in calls if c.startswith("-m evals --run_dir")]
-    assert len(evals) == 2 and all(f"gen_ppl_run_dir={used} " in c for c in evals)
+    judged = [c for c in evals if "samplers=causal" not in c]
+    assert len(judged) == 2 and all(f"gen_ppl_run_dir={used} " in c for c in judged)
+    # The AR twin's own stories are evaluated (and summarised) only when the recipe trained it.
+    assert [c.split()[3] for c in evals if "samplers=causal" in c] == ([] if judge else ["run/judge"])
+    assert any(c.startswith("-m evals.summary") and c.endswith(" run/judge") for c in calls) == (not judge)
