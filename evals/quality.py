@@ -31,7 +31,7 @@ class Prompts(NamedTuple):
     """What samples are read against: the prompts' validation documents."""
     tokenizer: Tokenizer
     bos_id: int | None  # a document's first token, not text
-    real: list[np.ndarray]  # each prompt's real continuation (at most gen_length tokens, to its EOS)
+    real: list[np.ndarray]  # each prompt's real continuation (at most gen_length tokens, through its EOS)
     grammar: bool  # every document is a correct story of the built-in corpus: samples are checked
 
     def text(self, tokens: np.ndarray) -> str:
@@ -45,15 +45,16 @@ def read_prompts(tokenizer: Tokenizer, documents: list[np.ndarray], prompt_len: 
     """The real continuations of the prompts, and whether the built-in grammar describes the data
     (every document parses as a correct story: real TinyStories never does). `ids`: the special ids."""
     eos = ids["eos"]
-    real = [_to_eos(doc[prompt_len:prompt_len + gen_length], eos) for doc in documents]
+    real = [_to_eos(doc[prompt_len:prompt_len + gen_length], eos, keep=True) for doc in documents]
     prompts = Prompts(tokenizer, ids.get("bos"), real, False)
     grammar = all(corpus.check_story("", prompts.text(_to_eos(doc, eos)), ended=True).correct for doc in documents)
     return prompts._replace(grammar=grammar)
 
 
-def _to_eos(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+def _to_eos(tokens: np.ndarray, eos_id: int, keep: bool = False) -> np.ndarray:
+    """`tokens` up to their first EOS (`keep`: through it, as a sample's generated tokens are counted)."""
     ends = np.flatnonzero(tokens == eos_id)
-    return tokens[:ends[0]] if len(ends) else tokens
+    return tokens[:ends[0] + keep] if len(ends) else tokens
 
 
 def unigram_entropy(sequences: list[np.ndarray]) -> float:

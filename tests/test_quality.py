@@ -36,6 +36,8 @@ def test_samples_are_checked_only_where_the_grammar_describes_the_data(tokenizer
     docs = [np.array([bos] + tokenizer.encode(s).ids + [eos]) for s in STORIES[:4]]  # as preprocess writes them
     prompts = quality.read_prompts(tokenizer, docs, 16, 64, {"eos": eos, "bos": bos})
     assert prompts.grammar and all(len(r) == 64 and eos not in r for r in prompts.real)
+    short = quality.read_prompts(tokenizer, docs, 16, 400, {"eos": eos, "bos": bos})  # the stories end inside
+    assert [len(r) for r in short.real] == [len(d) - 16 for d in docs] and all(r[-1] == eos for r in short.real)
     real_tinystories = "One day, a little girl named Lily found a needle in her room. She knew it was difficult."
     other = quality.read_prompts(tokenizer, docs[:3] + [np.array(tokenizer.encode(real_tinystories).ids)], 16, 64,
                                  {"eos": eos, "bos": bos})
