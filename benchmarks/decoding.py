@@ -36,7 +36,6 @@ import sys
 import tempfile
 
 import jax
-import numpy as np
 from _common import ROOT, bare_forward_seconds, emit, latest, run
 
 from evals import decoders, perplexity, quality, report
@@ -248,7 +247,7 @@ def main() -> None:
         manifest = data.load_manifest(base_cfg.data.path)
         ids = data.special_ids(manifest)
         documents = perplexity.prompt_documents(base_cfg, manifest, args.eval_prompts, PROMPT_LEN)
-        prompt = np.stack([d[:PROMPT_LEN] for d in documents]).astype(np.int32)
+        prompt = perplexity.prompt_rows(documents, PROMPT_LEN)
         prompts = quality.read_prompts(runs_lib.tokenizer(base_cfg.data.path, manifest), documents, PROMPT_LEN,
                                        args.gen_length, ids)
         tables = {name: decode_table(run_dir, prompt, ids, judge, thresholds, args.gen_length, prompts)

@@ -71,6 +71,11 @@ def prompt_documents(run_cfg: Config, manifest: dict[str, Any], count: int, leng
     return chosen
 
 
+def prompt_rows(documents: list[np.ndarray], length: int) -> np.ndarray:
+    """[len(documents), length]: each document's first `length` tokens."""
+    return np.stack([d[:length] for d in documents]).astype(np.int32)
+
+
 def prompts(run_cfg: Config, manifest: dict[str, Any], count: int, length: int) -> np.ndarray:
     """[count, length]: the first `length` tokens of the first long-enough validation documents."""
-    return np.stack([d[:length] for d in prompt_documents(run_cfg, manifest, count, length)]).astype(np.int32)
+    return prompt_rows(prompt_documents(run_cfg, manifest, count, length), length)

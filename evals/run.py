@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 from etils import epath
 
 from evals import decoders, ledger, perplexity, quality, report, runs
@@ -46,7 +45,7 @@ class Evaluator:
         self.prompt = self.prompts = None
         if self.samplers:
             documents = perplexity.prompt_documents(self.run_cfg, self.manifest, s.num_samples, s.prompt_tokens)
-            self.prompt = np.stack([d[:s.prompt_tokens] for d in documents]).astype(np.int32)
+            self.prompt = perplexity.prompt_rows(documents, s.prompt_tokens)
             self.prompts = quality.read_prompts(self.tokenizer, documents, s.prompt_tokens, s.gen_length, self.ids)
         self.exported = runs.exported_step(run_dir)  # a trainer.export directory, not a run
         self.mngr = None if self.exported is not None else checkpointing.reader(run_dir)

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 : "${DATA:?set DATA to a preprocess output (python -m pipelines.preprocess ...)}"
 RUN=${RUN:-runs/dmax}
-BASE_STEPS=${BASE_STEPS:-300}
+BASE_STEPS=${BASE_STEPS:-600}
 JUDGE_STEPS=${JUDGE_STEPS:-$BASE_STEPS}  # the AR twin at the base's budget
 PROMPTS=${PROMPTS:-1024}
 OPUT_STEPS=${OPUT_STEPS:-150}
