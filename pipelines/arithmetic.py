@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 from collections.abc import Callable, Iterator
 
-from pipelines import signals
+from pipelines import signals, storage
 
 NAMES = ["Tom", "Mia", "Ben", "Lily", "Sam", "Anna", "Max", "Lucy", "Jack", "Emma"]
 ITEMS = ["apples", "stickers", "shells", "cookies", "marbles", "pencils", "stones", "cards"]
@@ -76,17 +75,17 @@ def generate_problems(count: int, seed: int = 0, max_number: int = 10) -> Iterat
 
 
 def write_splits(output: str, num_train: int, num_heldout: int, seed: int, max_number: int) -> None:
-    """`output`/train.jsonl and `output`/heldout.jsonl: distinct questions, none in both."""
+    """`output`/train.jsonl and `output`/heldout.jsonl (local or gs://, each written whole):
+    distinct questions, none in both."""
     rows = list(generate_problems(num_train + num_heldout, seed, max_number))
-    os.makedirs(output, exist_ok=True)
     for name, part in (("train", rows[:num_train]), ("heldout", rows[num_train:])):
-        with open(os.path.join(output, f"{name}.jsonl"), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in part)
+        storage.write_bytes_atomic(storage.join(output, f"{name}.jsonl"),
+                                   "".join(json.dumps(row) + "\n" for row in part).encode())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", required=True, help="Folder for train.jsonl and heldout.jsonl.")
+    parser.add_argument("--output", required=True, help="Folder for train.jsonl and heldout.jsonl (local or gs://).")
     parser.add_argument("--num_train", type=int, default=20000, help="Training problems.")
     parser.add_argument("--num_heldout", type=int, default=500, help="Held-out problems (accuracy).")
     parser.add_argument("--max_number", type=int, default=10, help="Largest number in a question.")
