@@ -520,3 +520,18 @@ def test_twins_are_one_row_and_the_reference_is_marked(tmp_path):
     assert "quality reference: one_token of runs/base step 300 (gen_ppl 4.000)" in printed
     assert "spd_cached@0.7 (= spd@0.7, 97% agreement)" in printed and "gen-ppl 5.00 = 1.25x" in printed
     assert "reference quality" not in printed  # judged only by an exact measure
+
+
+def test_a_second_evaluation_with_other_harness_tasks_is_recorded_beside_the_first(tmp_path):
+    """The settings hash covers the harness key: other tasks on an evaluated step are a second
+    record, not silently dropped as the same one."""
+    from evals import ledger
+
+    first = dataclasses.asdict(eval_config.EvalConfig())
+    second = dataclasses.asdict(eval_config.EvalConfig())
+    second["harness"]["tasks"] = "tinystories_cloze"
+    book = ledger.Ledger(str(tmp_path))
+    for settings in (first, second):
+        book.append({"step": 10, "settings": settings, "settings_hash": ledger.settings_hash(settings)})
+    assert len(book.records()) == 2
+    assert book.steps(first) == book.steps(second) == {10}
