@@ -24,6 +24,8 @@ INTERVAL = (5, 95)  # percentiles
 # the reference's and its distinct continuations and distinct-2 at least DIVERSITY_SHARE of them.
 CORRECTNESS_SHARE = 0.95
 DIVERSITY_SHARE = 0.9
+AT_QUALITY = {"story_correctness": CORRECTNESS_SHARE, "distinct_continuations": DIVERSITY_SHARE,
+              "distinct_2": DIVERSITY_SHARE}  # each figure's least share of the reference's
 REFERENCE_KEYS = ("story_correctness", "distinct_continuations", "distinct_2", "gen_ppl")  # a reference's figures
 
 
@@ -109,10 +111,8 @@ def versus_reference(metrics: dict[str, Any], reference: dict[str, Any]) -> dict
     ratios = {f"{key}_vs_reference": metrics[key] / reference[key]
               for key in REFERENCE_KEYS
               if metrics.get(key) is not None and reference.get(key)}
-    shares = {"story_correctness": CORRECTNESS_SHARE, "distinct_continuations": DIVERSITY_SHARE,
-              "distinct_2": DIVERSITY_SHARE}
-    if all(metrics.get(key) is not None and reference.get(key) is not None for key in shares):
-        ratios["at_reference_quality"] = all(metrics[key] >= share * reference[key] for key, share in shares.items())
+    if all(metrics.get(key) is not None and reference.get(key) is not None for key in AT_QUALITY):
+        ratios["at_reference_quality"] = all(metrics[key] >= share * reference[key] for key, share in AT_QUALITY.items())
     return ratios
 
 
