@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import pathlib
 import sys
 
@@ -221,6 +222,37 @@ def learning(r: dict) -> list[Row]:
     return rows
 
 
+def adaptation(r: dict) -> list[Row]:
+    """Each arm's bound and story correctness at N + M total steps against its from-scratch twin's;
+    the adapted Dream's steps to its twin's final bound, against the goal of (N + M) / 3."""
+    total, seeds = r["ar_steps"] + r["adapt_steps"], r["seeds"]
+    twins = {"dream_from_ar": "dream_scratch", "mdlm_from_ar": "mdlm_scratch"}
+    last = {name: [curve[-1] for curve in by_seed.values()] for name, by_seed in r["curves"].items()}
+    rows = [(f"adaptation: the AR run at {r['ar_steps']} steps, perplexity and story correctness ({seeds} seeds)",
+             ", ".join(f"{c['ppl']:.2f}" for c in last["ar"]),
+             "story correctness " + ", ".join(f"{c['story_correctness']:.2f}" for c in last["ar"]), "")]
+    for name in r["arms"]:
+        twin = twins.get(name)
+        figure = ", ".join(f"{c['ppl']:.2f}" for c in last[name])
+        baseline = f"{twin} " + ", ".join(f"{c['ppl']:.2f}" for c in last[twin]) if twin else ""
+        ratio = f"{statistics.median(a['ppl'] / b['ppl'] for a, b in zip(last[name], last[twin])):.3f}" if twin else ""
+        rows.append((f"adaptation (AR {r['ar_steps']} + {r['adapt_steps']} steps): {name}, bound at {total} total "
+                     f"steps ({seeds} seeds)", figure, baseline, ratio))
+        rows.append((f"adaptation: {name}, story correctness at {total} total steps ({r['arms'][name]['decoder']})",
+                     ", ".join(f"{c['story_correctness']:.2f}" for c in last[name]),
+                     "distinct-2 " + ", ".join(f"{c['distinct_2']:.2f}" for c in last[name]), ""))
+    within = r["goal"]["dream_reaches_scratch_within_third"]
+    reached = r["reaches_scratch_final"]["dream_from_ar"]
+    rows.append(("adaptation goal: Dream from AR reaches Dream-from-scratch's final bound within (N + M) / 3 steps",
+                 ", ".join("-" if s is None else str(s) for s in reached), f"<= {total / 3:.0f} steps",
+                 "met" if all(within) else f"met at {sum(within)} of {seeds} seeds"))
+    shift = r["goal"]["shift_beats_no_shift_every_step"]
+    rows.append(("adaptation goal: Dream's bound below MDLM's at every step, both from AR",
+                 ", ".join("yes" if ok else "no" for ok in shift), "", "met" if all(shift) else
+                 f"met at {sum(shift)} of {seeds} seeds"))
+    return rows
+
+
 def harness_levels(r: dict) -> list[Row]:
     """The harness's diffusion loglikelihood per number of noise levels K."""
     return [(f"harness loglikelihood, {model}, K = {key[2:]} noise levels ({r[model]['requests']} cloze requests)",
@@ -230,7 +262,8 @@ def harness_levels(r: dict) -> list[Row]:
 
 
 RENDER = {"preprocess": preprocess, "train_step": train_step, "decoding": decoding, "decoding_shared": decoding,
-          "quality": quality, "oput": oput, "harness_levels": harness_levels, "learning": learning}
+          "quality": quality, "oput": oput, "harness_levels": harness_levels, "learning": learning,
+          "adaptation": adaptation}
 
 
 def render(latest: dict) -> str:

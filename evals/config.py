@@ -15,6 +15,9 @@ class PerplexityConfig:
     seed: int = 0  # fixes the masks, so the bound is deterministic
 
 
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+
 @dataclasses.dataclass
 class SamplingConfig:
     num_samples: int = 32  # prompts, taken from the validation split (their spread gives the 90% intervals)
@@ -30,7 +33,12 @@ class SamplingConfig:
     revise: str = "auto"
     temperature: float = 0.0  # 0 = greedy, else Gumbel-max sampling at this temperature
     suppress_mask: bool = True  # never predict the mask token
-    remask_steps: int = 0  # remasking baseline: total steps (0 = gen_length, one token per step)
+    remask_steps: int = 0  # remask and dream: total steps, spread over the blocks (0 = gen_length, a token per step)
+    # dream: which masked positions a step unmasks: origin (each with probability 1 - s/t) or the most confident
+    # by maskgit_plus (the token's probability), topk_margin (top-1 minus top-2) or entropy (negative entropy)
+    alg: str = "maskgit_plus"
+    alg_temp: float = 0.0  # dream: 0 = the most confident; else sampled without replacement from softmax(conf / this)
+    time_eps: float = 1e-3  # dream: the time grid runs from 1 down to this
     seed: int = 0  # sampling randomness
 
 
@@ -97,6 +105,9 @@ class EvalConfig:
             (s.revise in ("yes", "no", "auto"), "sampling.revise", "must be yes, no or auto"),
             (s.temperature >= 0, "sampling.temperature", "must be >= 0"),
             (s.remask_steps >= 0, "sampling.remask_steps", "must be >= 0"),
+            (s.alg in DREAM_ALGS, "sampling.alg", f"must be one of {', '.join(DREAM_ALGS)}"),
+            (s.alg_temp >= 0, "sampling.alg_temp", "must be >= 0"),
+            (0 < s.time_eps < 1, "sampling.time_eps", "must be in (0, 1)"),
             (self.poll_seconds > 0, "poll_seconds", "must be positive"),
             (self.wandb_mode in ("offline", "online", "disabled"), "wandb_mode",
              "must be offline, online or disabled"),

@@ -12,7 +12,7 @@ from etils import epath
 
 from evals import decoders, ledger, perplexity, quality, report, runs
 from evals.config import EvalConfig
-from trainer import checkpointing, data, objectives, observe, state
+from trainer import checkpointing, objectives, observe, state
 from trainer.errors import RunError
 
 
@@ -35,19 +35,17 @@ class Evaluator:
         """`force`: evaluate again, under these settings, steps recorded under other settings (a
         second record per step) instead of refusing."""
         self.run_dir, self.cfg, self.force = run_dir, cfg, force
-        self.run_cfg = runs.load_config(run_dir)
+        run = runs.open_run(run_dir, cfg.data_path)
+        self.run_cfg, self.manifest, self.tokenizer, self.ids = run.cfg, run.manifest, run.tokenizer, run.ids
         self.samplers, cfg.sampling = decoders.plan(cfg.samplers, cfg.sampling, self.run_cfg)
         self.settings = dataclasses.asdict(cfg)  # what every record of this evaluator is keyed by
-        self.manifest = runs.eval_data(self.run_cfg, cfg.data_path)
-        self.tokenizer = runs.tokenizer(self.run_cfg.data.path, self.manifest)
-        self.ids = data.special_ids(self.manifest)
         s = cfg.sampling
         self.prompt = self.prompts = None
         if self.samplers:
             documents = perplexity.prompt_documents(self.run_cfg, self.manifest, s.num_samples, s.prompt_tokens)
             self.prompt = perplexity.prompt_rows(documents, s.prompt_tokens)
             self.prompts = quality.read_prompts(self.tokenizer, documents, s.prompt_tokens, s.gen_length, self.ids)
-        self.exported = runs.exported_step(run_dir)  # a trainer.export directory, not a run
+        self.exported = run.exported  # a trainer.export directory, not a run
         self.mngr = None if self.exported is not None else checkpointing.reader(run_dir)
         self.ledger = ledger.Ledger(run_dir)
         self.judge = self._judge()

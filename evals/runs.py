@@ -1,12 +1,14 @@
 """Reading a run for evaluation: its config, the data evals read, and params of a committed step
-or of a `trainer.export` directory, on this process's first device."""
+or of a `trainer.export` directory, on this process's first device. `Run` opens one once for
+every reader (evals, the harness, evals.generate)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from etils import epath
+from flax import nnx
 from tokenizers import Tokenizer
 
 from trainer import config as config_lib
@@ -52,9 +54,37 @@ def exported_step(run_dir: str) -> int | None:
     return int(hf.read_config(run_dir).get("diffusion_lm", {}).get("step", 0))
 
 
-def load_exported(run_dir: str, cfg: config_lib.Config) -> tuple[Any, dict]:
+def load_exported(run_dir: str, cfg: config_lib.Config) -> tuple[nnx.GraphDef, dict]:
     """(graphdef, params) from an exported directory's safetensors, on this process's first device."""
     abstract = state.abstract_state(cfg)["params"]
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     params = hf.load(run_dir, cfg.model, abstract, jax.tree.map(lambda _: device, abstract))
     return state.model_graphdef(cfg), params
+
+
+class Run(NamedTuple):
+    """A training run or a trainer.export directory, read once: what every reader of it asks."""
+    run_dir: str
+    cfg: config_lib.Config  # its data.path is the data evals read (the run's, or data_path)
+    manifest: dict[str, Any]  # of that data
+    tokenizer: Tokenizer
+    ids: dict[str, int | None]  # special ids: pad, bos, eos, mask
+    exported: int | None  # the step an export holds; None for a run directory
+
+    def weights(self, step: int = 0) -> state.Weights:
+        """The weights of committed `step` (0 = the latest; an export: its step) on this process's
+        first device."""
+        if self.exported is None:
+            return state.load_params(self.run_dir, step or None, self.cfg)
+        if step not in (0, self.exported):
+            raise RunError(f"{self.run_dir} is an export of step {self.exported}, not of step {step}")
+        return state.Weights(*load_exported(self.run_dir, self.cfg), self.exported)
+
+
+def open_run(run_dir: str, data_path: str = "") -> Run:
+    """Reads a run or an export: config, the data evals read (`data_path`, else the run's; same
+    tokenizer), its tokenizer and special ids. RunError when any is missing or does not fit."""
+    cfg = load_config(run_dir)
+    manifest = eval_data(cfg, data_path)
+    return Run(run_dir, cfg, manifest, tokenizer(cfg.data.path, manifest), data.special_ids(manifest),
+               exported_step(run_dir))

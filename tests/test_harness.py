@@ -207,7 +207,7 @@ def test_on_whole_validation_texts_the_bound_agrees_with_evals_perplexity(bd3lm_
 
 def test_generate_until_stops_at_a_stop_string_and_at_max_gen_toks(ar_run, bd3lm_checkpoint, caplog):
     ar = DiffusionLM.create_from_arg_string(f"run_dir={ar_run}")
-    assert decoders.fitting("ar") == ("causal",) and generation.decoder("", "ar", ar.sampling) == "causal"
+    assert decoders.fitting("ar") == ("causal",) and decoders.resolve("", "ar", ar.sampling) == "causal"
 
     def generate(lm, context: str, **kwargs) -> str:
         return lm.generate_until(requests("generate_until", [(context, kwargs)]))[0]

@@ -43,7 +43,12 @@ class Decoder:
     attention: str  # the attention it decodes with: BLOCK_CAUSAL | FULL | CAUSAL
     fits: tuple[str, ...]  # the training attentions (an objective entry's `attention`) of the models it fits
     cached_twin: str | None = None  # a decoder that gives the same tokens with another program (spd -> spd_cached)
-    one_token: Callable[[SamplingConfig], bool] = lambda cfg: False  # commits one token per forward: the reference
+    # Reads position i's token from position i-1's logits: it fits exactly the objectives with `shift` (Dream).
+    shifted: bool = False
+    one_token: Callable[[SamplingConfig], bool] = lambda cfg: False
+    # Full-attention decoders: a program builder like `build` whose `generate(params, canvas_BT, key)` fills
+    # the masks of a canvas anywhere, the other tokens fixed (evals.generate --infill); None: cannot infill.
+    infill: Callable | None = None  # commits one token per forward: the reference
     settings: Callable[[SamplingConfig], SamplingConfig] = lambda cfg: cfg  # what it fixes in the settings
     # Chosen by samplers=auto. The causal decoder is not: an AR run is scored by its exact perplexity and
     # judges the others' samples; it samples when named (and in the harness's generate_until).
@@ -66,12 +71,18 @@ def get(spec: str) -> Decoder:
 
 def fitting(objective_name: str) -> tuple[str, ...]:
     """The decoders that fit a model trained with this objective, in registration order."""
-    attention = objectives.get(objective_name).attention
-    return tuple(name for name, d in REGISTRY.entries.items() if attention in d.fits)
+    return tuple(name for name in REGISTRY.entries if is_matched(name, objective_name))
 
 
 def is_matched(spec: str, objective_name: str) -> bool:
-    return objectives.get(objective_name).attention in get(spec).fits
+    objective, decoder = objectives.get(objective_name), get(spec)
+    return objective.attention in decoder.fits and objective.shift == decoder.shifted
+
+
+def reads_as_trained(spec: str, objective_name: str) -> bool:
+    """Whether the decoder reads logits as the objective trained them (shifted or not): decoding
+    otherwise reads every token from the wrong position, so it is refused, not reported."""
+    return objectives.get(objective_name).shift == get(spec).shifted
 
 
 def is_one_token(spec: str, cfg: SamplingConfig) -> bool:
@@ -121,6 +132,11 @@ def plan(specs: str, cfg: SamplingConfig, run_cfg: Config) -> tuple[list[str], S
     if unknown or not chosen:
         raise ConfigError(f"samplers {specs!r}: unknown {unknown or 'empty list'} (known: {', '.join(names())}, "
                           f"each optionally @threshold, or auto)")
+    misread = [n for n in chosen if not reads_as_trained(n, objective.name)]
+    if misread:
+        shifted = "with" if objective.shift else "without"
+        raise ConfigError(f"samplers {', '.join(misread)} cannot decode a model trained {shifted} Dream's shift "
+                          f"(objective {objective.name}): use one of {', '.join(fitting(objective.name))}")
     if not cfg.block_length:
         cfg = dataclasses.replace(cfg, block_length=block_length(cfg, run_cfg))
     if cfg.revise == "auto":  # only a model trained to predict every position (OPUT) revises its drafts
@@ -151,3 +167,19 @@ def is_valid(spec: str) -> bool:
     except ValueError:
         return False
     return name in REGISTRY.entries and (threshold is None or threshold > 0)
+
+
+def resolve(spec: str, objective_name: str, cfg: SamplingConfig) -> str:
+    """`spec`, or the quality reference among the decoders that fit the objective (else the first)."""
+    if spec and not is_valid(spec):
+        raise ConfigError(f"sampler {spec!r} is not a registered decoder (known: {', '.join(names())}, "
+                          f"each optionally @threshold)")
+    if spec and not reads_as_trained(spec, objective_name):
+        raise ConfigError(f"sampler {spec!r} reads logits otherwise than objective {objective_name} trained them "
+                          f"(Dream's shift): use one of {', '.join(fitting(objective_name))}")
+    if spec:
+        return spec
+    fits = fitting(objective_name)
+    if not fits:
+        raise ConfigError(f"no registered decoder fits objective {objective_name}: name one with sampler=")
+    return next((name for name in fits if is_one_token(name, cfg)), fits[0])

@@ -8,9 +8,7 @@ from flax import nnx
 from tokenizers import Tokenizer
 
 from evals import runs
-from trainer import data, state
 from trainer.config import Config
-from trainer.errors import RunError
 
 
 class Checkpoint(NamedTuple):
@@ -26,14 +24,6 @@ class Checkpoint(NamedTuple):
 def load(run_dir: str, step: int = 0, data_path: str = "") -> Checkpoint:
     """A run's committed checkpoint `step` (0 = the latest) or a trainer.export directory, on this
     process's first device; `data_path`: another preprocess output with the same tokenizer."""
-    run_cfg = runs.load_config(run_dir)
-    manifest = runs.eval_data(run_cfg, data_path)
-    exported = runs.exported_step(run_dir)
-    if exported is None:
-        graphdef, params, step = state.load_params(run_dir, step or None, run_cfg)
-    elif step in (0, exported):
-        (graphdef, params), step = runs.load_exported(run_dir, run_cfg), exported
-    else:
-        raise RunError(f"{run_dir} is an export of step {exported}, not of step {step}")
-    tokenizer = runs.tokenizer(run_cfg.data.path, manifest)
-    return Checkpoint(run_dir, run_cfg, tokenizer, data.special_ids(manifest), graphdef, params, step)
+    run = runs.open_run(run_dir, data_path)
+    graphdef, params, step = run.weights(step)
+    return Checkpoint(run_dir, run.cfg, run.tokenizer, run.ids, graphdef, params, step)

@@ -1,8 +1,8 @@
 """generate_until for the harness model: the decoder, the lengths, and where a generation stops.
 
-The decoder is the one `python -m evals` treats as the quality reference among those that fit the
-run's objective (one token per forward: one_token for block diffusion, remask for MDLM, causal for
-AR), unless `sampler` names another. Requests are grouped by prompt length and decoded
+The decoder (decoders.resolve) is the one `python -m evals` treats as the quality reference among
+those that fit the run's objective (one token per forward: one_token for block diffusion, remask
+for MDLM, dream for Dream, causal for AR), unless `sampler` names another. Requests are grouped by prompt length and decoded
 `batch_size` prompts at a time (a short group is filled up with copies of its first prompt), so a
 program compiles once per prompt length. Each generation is `max_gen_toks` tokens at most (whole
 blocks for full-attention decoders, cut back afterwards), ends at the first EOS, and is cut at
@@ -34,19 +34,6 @@ class Request(NamedTuple):
     temperature: float  # 0 = greedy
 
 
-def decoder(spec: str, objective_name: str, cfg: SamplingConfig) -> str:
-    """`spec`, or the quality reference among the decoders that fit the objective (else the first)."""
-    if spec and not decoders.registry.is_valid(spec):
-        raise ConfigError(f"sampler {spec!r} is not a registered decoder (known: {', '.join(decoders.names())}, "
-                          f"each optionally @threshold)")
-    if spec:
-        return spec
-    fitting = decoders.fitting(objective_name)
-    if not fitting:
-        raise ConfigError(f"no registered decoder fits objective {objective_name}: name one with sampler=")
-    return next((name for name in fitting if decoders.is_one_token(name, cfg)), fitting[0])
-
-
 def lengths(prompt_len: int, max_tokens: int, row_len: int, block: int) -> tuple[int, int]:
     """(prompt tokens kept, generation length): `max_tokens` rounded up to whole `block`s, both within
     `row_len` (the generation first, as lm_eval's models do; at least one prompt token stays)."""
@@ -66,7 +53,7 @@ def generate(checkpoint: Checkpoint, spec: str, sampling: SamplingConfig, batch_
              requests: list[Request]) -> list[np.ndarray]:
     """The generated token ids of each request, up to (not including) its first EOS."""
     run_cfg, ids = checkpoint.run_cfg, checkpoint.ids
-    spec = decoder(spec, run_cfg.objective.name, sampling)
+    spec = decoders.resolve(spec, run_cfg.objective.name, sampling)
     full = decoders.get(spec).attention == decoders.registry.FULL
     block = decoders.registry.block_length(sampling, run_cfg) if full else 1
     groups: dict[tuple[int, int, float], list[int]] = {}

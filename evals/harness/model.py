@@ -26,7 +26,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 
-from evals import compiled, perplexity
+from evals import compiled, decoders, perplexity
 from evals.config import HarnessSettings, SamplingConfig
 from evals.harness import checkpoint, generation, scoring
 from evals.harness.checkpoint import Checkpoint
@@ -63,7 +63,7 @@ class DiffusionLM(LM):
         self.prefix = ckpt.ids["bos"] if ckpt.ids["bos"] is not None else ckpt.ids["eos"]
         self.stderrs: list[float] = []  # the standard errors of every bound estimated so far
         if settings.sampler:  # a typo fails here, not after the loglikelihood requests
-            generation.decoder(settings.sampler, self.objective.name, sampling)
+            decoders.resolve(settings.sampler, self.objective.name, sampling)
         structure = (dataclasses.astuple(run_cfg.model), ckpt.ids["mask"], dataclasses.astuple(run_cfg.objective))
         if self.objective.exact:  # one program per model structure and objective, across checkpoints
             self._program = compiled.once(("harness exact", *structure), lambda: scoring.exact_program(ckpt.graphdef))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from evals.decoders import full_attention, registry
 
 
-def leftmost_commit(conf_BT, candidate_BT, j, cfg):
+def leftmost_commit(conf_BT, candidate_BT, j, cfg, key):
     """The first masked position of the block, whatever the model's confidence."""
     first = jnp.argmax(candidate_BT, axis=1)
     return candidate_BT & (jnp.arange(candidate_BT.shape[1]) == first[:, None])

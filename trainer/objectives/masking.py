@@ -54,6 +54,12 @@ def requested(positions_BL: jax.Array, batch: dict[str, jax.Array]) -> jax.Array
     return positions_BL & batch["scored"] if "scored" in batch else positions_BL
 
 
+def shift_BLV(logits_BLV: jax.Array) -> jax.Array:
+    """Dream's shift: position i takes the logits of position i-1 (an AR model's next-token head), position 0
+    keeps its own (it is never a target)."""
+    return jnp.concatenate([logits_BLV[:, :1], logits_BLV[:, :-1]], axis=1)
+
+
 def subs_nll(logits_BLV: jax.Array, tokens_BL: jax.Array, mask_id: int) -> jax.Array:
     """-log p(token) with the mask logit at -inf (SUBS: the model never predicts the mask)."""
     return token_nll(logits_BLV.at[..., mask_id].set(-jnp.inf), tokens_BL)

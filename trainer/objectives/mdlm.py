@@ -29,10 +29,12 @@ class MDLMSettings(registry.Settings):
                 (0 < self.eps < 1, "objective.eps", "must be in (0, 1)")]
 
 
-def nelbo_BL(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, s: MDLMSettings,
-             t_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(each position's weighted NLL, 0 where not masked; the scored tokens: masking.scored, within
-    batch["scored"] when given). Padding and each piece's first token are never masked nor counted."""
+def masked_nll_BL(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, s: MDLMSettings,
+                  t_B: jax.Array | None = None, shift: bool = False):
+    """One noising of the batch at times t_B (sampled when None): (each position's SUBS NLL, 0 where not
+    masked; masked_BL; the scored tokens: masking.scored, within batch["scored"] when given; the NELBO
+    weight_B). Padding and each piece's first token are never masked nor counted. `shift`: position i is
+    predicted by the logits of position i-1 (Dream's shift; a scored token's predecessor is in its piece)."""
     tokens_BL, segments_BL = batch["tokens"], batch["tokens_segment_ids"]
     time_key, mask_key = jax.random.split(key)
     if t_B is None:
@@ -40,8 +42,18 @@ def nelbo_BL(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, s
     alpha_B, weight_B = masking.alpha_and_weight(t_B, s.noise_schedule, s.eps)
     scored_BL = masking.requested(masking.scored(segments_BL, batch["tokens_positions"]), batch)
     noisy_BL, masked_BL = masking.mask_tokens(mask_key, tokens_BL, (1 - alpha_B)[:, None], scored_BL, mask_id)
-    nll_BL = masking.subs_nll(model(noisy_BL, segments_BL, batch["tokens_positions"], False), tokens_BL, mask_id)
-    return jnp.where(masked_BL, nll_BL * weight_B[:, None], 0.0), scored_BL
+    logits_BLV = model(noisy_BL, segments_BL, batch["tokens_positions"], False)
+    if shift:
+        logits_BLV = masking.shift_BLV(logits_BLV)
+    nll_BL = masking.subs_nll(logits_BLV, tokens_BL, mask_id)
+    return jnp.where(masked_BL, nll_BL, 0.0), masked_BL, scored_BL, weight_B
+
+
+def nelbo_BL(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, s: MDLMSettings,
+             t_B: jax.Array | None = None, shift: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(each position's weighted NLL, 0 where not masked; the scored tokens) of masked_nll_BL."""
+    nll_BL, _, scored_BL, weight_B = masked_nll_BL(model, batch, key, mask_id, s, t_B, shift)
+    return nll_BL * weight_B[:, None], scored_BL
 
 
 def nelbo(model, batch: dict[str, jax.Array], key: jax.Array, mask_id: int, s: MDLMSettings,

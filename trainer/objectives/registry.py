@@ -52,6 +52,9 @@ class Objective:
     token_loss: Callable[..., Any] | None = None
     exact: bool = False  # eval_loss is the exact NLL (AR), not a bound at grid times
     revises: bool = False  # its loss covers every position, so decoders may revise decoded drafts (SPD)
+    # Position i's token is predicted by the logits of position i-1 (Dream's shift, an AR head's reading):
+    # only decoders that read logits so (Decoder.shifted) fit it, and they fit nothing else.
+    shift: bool = False
     block_size: Callable[[Settings], int | None] = lambda settings: None  # decoding blocks it was trained with
     # Per-step figures from the summed diagnostics of train_loss (jax arrays in, jax arrays out).
     report: Callable[[dict], dict] = lambda sums: {}
