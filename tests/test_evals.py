@@ -535,3 +535,20 @@ def test_a_second_evaluation_with_other_harness_tasks_is_recorded_beside_the_fir
         book.append({"step": 10, "settings": settings, "settings_hash": ledger.settings_hash(settings)})
     assert len(book.records()) == 2
     assert book.steps(first) == book.steps(second) == {10}
+
+
+def test_the_one_token_decoder_commits_the_most_confident_masked_position_each_pass():
+    cfg = decoders.get("one_token").settings(SamplingConfig(block_length=8))
+    margin = np.random.default_rng(4).permutation(8) + 1.0  # position k's logit lead: its confidence order
+    logits = np.zeros((1, 8, 40), np.float32)
+    logits[0, np.arange(8), np.arange(8) + 5] = margin  # position k's best token is k + 5
+    tokens, masked = jnp.full((1, 8), MASK), jnp.ones((1, 8), bool)
+    order = []
+    for _ in range(8):
+        out = block_causal.threshold_pass(jnp.asarray(logits), jax.random.key(0), tokens, masked,
+                                          jnp.zeros((1, 8), bool), jnp.ones(1, bool), cfg, MASK)
+        assert int(out.newly.sum()) == 1  # one position per forward, however confident
+        order.append(int(np.flatnonzero(np.asarray(out.newly[0]))[0]))
+        tokens, masked = out.tokens, out.masked
+    assert order == np.argsort(-margin).tolist()  # most confident first, not leftmost or least confident
+    assert np.asarray(tokens)[0].tolist() == (np.arange(8) + 5).tolist()

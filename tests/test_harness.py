@@ -77,7 +77,7 @@ def requests(kind: str, args: list[tuple]) -> list[Instance]:
 # --------------------------------------------------------------------------- the objectives' token_loss
 
 
-@pytest.mark.parametrize("name", ["mdlm", "bd3lm", "oput", "ar"])
+@pytest.mark.parametrize("name", ["mdlm", "bd3lm", "oput", "ar", "dream"])
 def test_token_loss_scores_only_the_chosen_positions_and_sums_to_eval_loss(name):
     model = Transformer(ModelConfig(vocab_size=40, hidden=32, layers=2, heads=2, mlp_hidden=64, max_seq_len=64),
                         nnx.Rngs(0))
@@ -139,6 +139,10 @@ def test_ar_loglikelihood_is_our_exact_perplexity_code_on_the_same_tokens(ar_run
                    True)
     best, worst = int(jnp.argmax(logits[0, -1])), int(jnp.argmin(logits[0, -1]))
     assert lm.score([(context, [best]), (context, [worst])]).greedy_R.tolist() == [True, False]
+    # The same through lm_eval's request: (loglikelihood, is_greedy) with is_greedy the model's own choice.
+    asked = [("Once upon a time", tokenizer.decode([token])) for token in (best, worst)]
+    assert [lm._pair(*pair)[1] for pair in asked] == [[best], [worst]]  # the texts are those tokens
+    assert [greedy for _, greedy in lm.loglikelihood(requests("loglikelihood", asked))] == [True, False]
 
     text = "Lily and Tom played in the park all day."  # one window: the whole text given BOS
     [rolling] = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))

@@ -36,6 +36,7 @@ TINY = {
     "-m evals ": ["perplexity.max_tokens=500", "perplexity.time_samples=1", "sampling.num_samples=1",
                   "sampling.gen_length=8", "sampling.block_length=8", "sampling.steps=8"],
     "-m evals.harness ": ["--limit", "4", "--gen_kwargs", "max_gen_toks=16"],
+    "-m evals.generate ": ["gen_length=8"],
     "-m evals.trajectories ": ["num_prompts=6", "prompt_tokens=6", "batch_size=4", "rows_per_part=3",
                                "sampling.gen_length=16", "keep_unfinished=true"],
 }

@@ -521,3 +521,20 @@ def test_the_trainers_gpu_flags_are_set_once_and_the_users_values_win():
     assert "--xla_gpu_enable_while_loop_double_buffering=true" in flags_set and "--xla_dump_to=/tmp/x" in flags_set
     assert xla_flags.apply(environ).split() == flags_set  # applying twice adds nothing
     assert xla_flags.apply({}).split() == [f"{k}={v}" for k, v in xla_flags.GPU_FLAGS.items()]
+
+
+def test_each_epoch_reads_every_record_once_in_a_new_order_and_streams_split_the_order():
+    import grain
+
+    from trainer import data
+
+    order = data.in_reading_order(grain.MapDataset.range(50), 3, shuffle=True, repeat=True)
+    epochs = [[int(order[e * 50 + i]) for i in range(50)] for e in range(3)]
+    assert all(sorted(epoch) == list(range(50)) for epoch in epochs)
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
+    assert epochs[0] != list(range(50))
+    second = data.in_reading_order(grain.MapDataset.range(50), 3, shuffle=True, repeat=True, process_index=1,
+                                   process_count=2)
+    assert [int(second[i]) for i in range(75)] == [x for epoch in epochs for x in epoch][1::2]
+    plain = data.in_reading_order(grain.MapDataset.range(50), 3, shuffle=False, repeat=False)
+    assert [int(plain[i]) for i in range(len(plain))] == list(range(50))

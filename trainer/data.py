@@ -245,18 +245,26 @@ class _ReadAndPack(grain.experimental.MapWithIndexTransform):
         return packing.pack(documents, self._seq_len, rng)
 
 
+def in_reading_order(ds: grain.MapDataset, seed: int, *, shuffle: bool, repeat: bool, process_index: int = 0,
+                     process_count: int = 1) -> grain.MapDataset:
+    """A split's records as one loader stream reads them: a global seeded shuffle, a new permutation
+    each epoch (Grain reshuffles a shuffled dataset each time it repeats), then record-level
+    sharding (stream i of n takes every n-th)."""
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat()
+    return ds[process_index::process_count]
+
+
 def packed_dataset(
     cfg: Config, manifest: dict[str, Any], split: str, batch_size: int, *, shuffle: bool,
     repeat: bool, process_index: int = 0, process_count: int = 1,
 ) -> grain.IterDataset:
     """Batches of {tokens, tokens_segment_ids, tokens_positions}, each [batch_size, seq_len] int32."""
     source = ShardSource(cfg.data.path, manifest, split)
-    ds = grain.MapDataset.range(len(source))
-    if shuffle:
-        ds = ds.shuffle(seed=cfg.seed)
-    if repeat:
-        ds = ds.repeat()
-    ds = ds[process_index::process_count]  # record-level sharding after the global shuffle
+    ds = in_reading_order(grain.MapDataset.range(len(source)), cfg.seed, shuffle=shuffle, repeat=repeat,
+                          process_index=process_index, process_count=process_count)
     ds = _Chunks(ds, cfg.data.pack_documents).map_with_index(_ReadAndPack(
         source, manifest["record_schema"], cfg.data.seq_len, cfg.seed if shuffle else None, process_index))
     rows = ds.to_iter_dataset(read_options(cfg))
@@ -270,13 +278,10 @@ def trajectory_dataset(cfg: Config, manifest: dict[str, Any], split: str, batch_
         raise DataError(f"objective.name={cfg.objective.name} needs prompt/response records "
                         f"(preprocess --dataset dmax_trajectories); {cfg.data.path} holds "
                         f"{manifest['record_schema']['fields']}")
-    ds = documents(cfg.data.path, manifest, split)
-    if shuffle:
-        ds = ds.shuffle(seed=cfg.seed)
-    if repeat:
-        ds = ds.repeat()
+    ds = in_reading_order(documents(cfg.data.path, manifest, split), cfg.seed, shuffle=shuffle, repeat=repeat,
+                          process_index=process_index, process_count=process_count)
     row = _TrajectoryRow(cfg.data.seq_len, special_ids(manifest)["eos"], cfg.objective.supervised_eos)
-    ds = ds[process_index::process_count].map(row).to_iter_dataset(read_options(cfg))
+    ds = ds.map(row).to_iter_dataset(read_options(cfg))
     return ds.batch(batch_size, drop_remainder=repeat)
 
 
