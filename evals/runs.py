@@ -4,6 +4,7 @@ every reader (evals, the harness, evals.generate)."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, NamedTuple
 
 import jax
@@ -42,8 +43,16 @@ def eval_data(run_cfg: config_lib.Config, data_path: str) -> dict[str, Any]:
 
 
 def tokenizer(data_path: str, manifest: dict[str, Any]) -> Tokenizer:
-    """The tokenizer of a preprocess output (`manifest` is its manifest)."""
-    return Tokenizer.from_str((epath.Path(data_path) / manifest["tokenizer"]["file"]).read_text())
+    """The tokenizer of a preprocess output (`manifest` is its manifest), refused unless it is the one
+    the manifest's sha256 names (another of the same size would score the same and decode garbage)."""
+    path = epath.Path(data_path) / manifest["tokenizer"]["file"]
+    if not path.exists():
+        raise RunError(f"{path} is missing: the dataset {data_path} is incomplete (re-run preprocess)")
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != manifest["tokenizer"]["sha256"]:
+        raise RunError(f"{path} does not match the sha256 of {data_path}/manifest.json: the dataset was altered "
+                       f"(restore its tokenizer.json or re-run preprocess)")
+    return Tokenizer.from_str(raw.decode())
 
 
 def exported_step(run_dir: str) -> int | None:

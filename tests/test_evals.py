@@ -552,3 +552,44 @@ def test_the_one_token_decoder_commits_the_most_confident_masked_position_each_p
         tokens, masked = out.tokens, out.masked
     assert order == np.argsort(-margin).tolist()  # most confident first, not leftmost or least confident
     assert np.asarray(tokens)[0].tolist() == (np.arange(8) + 5).tolist()
+
+
+def test_every_reader_refuses_a_swapped_tokenizer_and_a_manifest_without_its_keys(trained_run, tiny_dataset, tmp_path,
+                                                                                 capsys):
+    import json
+    import shutil
+
+    from evals import trajectories
+
+    def one_line(code: int) -> str:
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+        return err
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tiny_dataset, swapped)
+    tokenizer = json.loads((swapped / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"] = dict(zip(tokenizer["model"]["vocab"], reversed(tokenizer["model"]["vocab"].values())))
+    (swapped / "tokenizer.json").write_text(json.dumps(tokenizer))  # same size, other ids: garbage text
+    evals_args = ["--run_dir", str(trained_run), "--once", "--force", f"data_path={swapped}", *EVAL_SMALL]
+    assert "does not match the sha256" in one_line(cli.main(evals_args))
+    traj = ["--run_dir", str(trained_run), "--output", str(tmp_path / "traj"), f"data_path={swapped}", "num_prompts=2"]
+    assert "does not match the sha256" in one_line(trajectories.main(traj))
+    assert not (tmp_path / "traj" / "trajectories.json").exists()
+
+    for key in ("tokenizer", "splits", "record_schema"):
+        broken = tmp_path / f"no_{key}"
+        shutil.copytree(tiny_dataset, broken)
+        manifest = json.loads((broken / "manifest.json").read_text())
+        del manifest[key]
+        (broken / "manifest.json").write_text(json.dumps(manifest))
+        assert f"lacks {key}." in one_line(cli.main([*evals_args[:-len(EVAL_SMALL) - 1], f"data_path={broken}",
+                                                     *EVAL_SMALL]))
+        from trainer import __main__ as trainer_cli
+
+        assert f"lacks {key}." in one_line(trainer_cli.main([f"data.path={broken}", f"run_dir={tmp_path / 'r'}",
+                                                             *TINY_MODEL]))
+        assert not (tmp_path / "r").exists()
+    (broken / "manifest.json").write_text("{not json")
+    assert "is not valid JSON" in one_line(cli.main([*evals_args[:-len(EVAL_SMALL) - 1], f"data_path={broken}",
+                                                     *EVAL_SMALL]))

@@ -33,15 +33,51 @@ FORMAT_VERSION = 1
 DATA_ORDER = 2
 
 
+# What every reader of a manifest (the trainer, evals, trajectories) relies on: key paths and types.
+MANIFEST_KEYS = {
+    ("record_schema", "dtype"): str, ("record_schema", "fields"): list,
+    ("tokenizer", "file"): str, ("tokenizer", "sha256"): str, ("tokenizer", "vocab_size"): int,
+    **{("tokenizer", "special_ids", name): (int, type(None)) for name in ("pad", "bos", "eos", "mask")},
+    **{("splits", split, key): kind for split in ("train", "validation")
+       for key, kind in (("num_records", int), ("shards", list))},
+}
+SHARD_KEYS = {"file": str, "num_records": int}
+
+
 def load_manifest(path: str) -> dict[str, Any]:
+    """A preprocess output's manifest, checked against what its readers rely on: one DataError line
+    for a missing file, invalid JSON, another format version or a missing or mistyped key."""
     manifest_path = epath.Path(path) / "manifest.json"
     if not manifest_path.exists():
         raise DataError(f"{path} has no manifest.json: not a finished preprocess output (data.path)")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{manifest_path} has format_version {manifest.get('format_version')}, "
-                        f"this trainer reads {FORMAT_VERSION}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as e:
+        raise DataError(f"{manifest_path} is not valid JSON ({first_line(e)}): re-run preprocess") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise DataError(f"{manifest_path} has format_version {version}, this trainer reads {FORMAT_VERSION}")
+    problem = _schema_problem(manifest)
+    if problem:
+        raise DataError(f"{manifest_path} {problem}: not a manifest preprocess wrote (re-run preprocess)")
     return manifest
+
+
+def _schema_problem(manifest: dict[str, Any]) -> str | None:
+    """What the manifest lacks of MANIFEST_KEYS and SHARD_KEYS (None: nothing)."""
+    for keys, kind in MANIFEST_KEYS.items():
+        value = manifest
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                return f"lacks {'.'.join(keys)}"
+            value = value[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+            return f"has {'.'.join(keys)}={value!r}, not of the type preprocess writes"
+    for split in ("train", "validation"):
+        for i, shard in enumerate(manifest["splits"][split]["shards"]):
+            if not isinstance(shard, dict) or any(not isinstance(shard.get(k), t) for k, t in SHARD_KEYS.items()):
+                return f"has a shard entry splits.{split}.shards[{i}] without {' and '.join(SHARD_KEYS)}"
+    return None
 
 
 def tokenizer_sha(path: str) -> str | None:
