@@ -129,6 +129,10 @@ class Evaluator:
         if self.exported is not None:
             return runs.load_exported(self.run_dir, self.run_cfg)
         try:
+            checkpointing.check_owner(self.mngr, self.run_dir, step)
+        except RunError as e:
+            raise UnreadableStep(str(e)) from None
+        try:
             params = checkpointing.restore_params(self.mngr, step, state.abstract_state(self.run_cfg))
             return state.model_graphdef(self.run_cfg), params
         except Exception as e:

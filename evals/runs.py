@@ -13,7 +13,7 @@ from flax import nnx
 from tokenizers import Tokenizer
 
 from trainer import config as config_lib
-from trainer import data, hf, state
+from trainer import checkpointing, data, hf, state
 from trainer.errors import RunError
 
 
@@ -95,5 +95,12 @@ def open_run(run_dir: str, data_path: str = "") -> Run:
     tokenizer), its tokenizer and special ids. RunError when any is missing or does not fit."""
     cfg = load_config(run_dir)
     manifest = eval_data(cfg, data_path)
+    saved = checkpointing.read_identity(run_dir)
+    conflict = saved and checkpointing.identity_conflict(
+        saved, checkpointing.run_identity(cfg, manifest["tokenizer"]["sha256"]))
+    if conflict:
+        key, theirs, ours = conflict
+        raise RunError(f"{run_dir} was trained with {key}={theirs}, its config.yaml now says {ours}: restore the "
+                       f"config it was trained with")
     return Run(run_dir, cfg, manifest, tokenizer(cfg.data.path, manifest), data.special_ids(manifest),
                exported_step(run_dir))

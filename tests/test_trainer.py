@@ -538,3 +538,45 @@ def test_each_epoch_reads_every_record_once_in_a_new_order_and_streams_split_the
     assert [int(second[i]) for i in range(75)] == [x for epoch in epochs for x in epoch][1::2]
     plain = data.in_reading_order(grain.MapDataset.range(50), 3, shuffle=False, repeat=False)
     assert [int(plain[i]) for i in range(len(plain))] == list(range(50))
+
+
+def test_a_runs_identity_is_fixed_at_its_first_step_and_its_checkpoints_carry_it(tiny_overrides, tmp_path, capsys):
+    from evals import __main__ as evals_cli
+    from trainer import export
+
+    run = tmp_path / "run"
+    first = [*tiny_overrides, "train.steps=4", "train.checkpoint_every=2", "objective.name=bd3lm",
+             "objective.block_size=8"]
+    assert cli.main(first) == 0
+    capsys.readouterr()
+    saved = (run / "config.yaml").read_text()
+    for change, key in (("objective.name=mdlm", "objective.name=bd3lm, this config has mdlm"),
+                        ("objective.block_size=4", "objective.block_size=8, this config has 4")):
+        error = cli_error(capsys, *first, "train.steps=6", change)
+        assert key in error and "train.init_from_run" in error
+        assert (run / "config.yaml").read_text() == saved  # nothing rewritten
+    (run / "config.yaml").write_text(saved.replace("block_size: 8", "block_size: 4"))  # evals would decode blocks of 4
+    small = ["--once", "sampling.num_samples=2", "sampling.gen_length=16", "perplexity.max_tokens=300"]
+    assert evals_cli.main(["--run_dir", str(run), *small]) == 2
+    assert "objective.block_size=8, its config.yaml now says 4" in capsys.readouterr().err
+    (run / "config.yaml").write_text(saved)
+
+    other = tmp_path / "other"  # the same shape and settings, another run: its step 6 copied into this run
+    assert cli.main([*first, f"run_dir={other}", "train.steps=6", "train.checkpoint_every=6"]) == 0
+    shutil.copytree(other / "checkpoints" / "6", run / "checkpoints" / "6")
+    capsys.readouterr()
+    assert "was written by another run" in cli_error(capsys, *first, "train.steps=8")
+    assert export.main(["--run_dir", str(run), "--output", str(tmp_path / "export")]) == 2
+    assert "was written by another run" in capsys.readouterr().err
+    assert evals_cli.main(["--run_dir", str(run), *small]) == 0  # the run's own steps are evaluated, 6 is recorded
+    capsys.readouterr()
+    records = [json.loads(line) for line in (run / "evals" / "ledger.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "perplexity" in r] == [2, 4]
+    assert any(r["step"] == 6 and "written by another run" in json.dumps(r) for r in records)
+    shutil.rmtree(run / "checkpoints" / "6")
+
+    position = run / "checkpoints" / "4" / "data" / "process_0-of-1.json"
+    state_json = json.loads(position.read_text())
+    state_json["batch_idx"] += 3  # another valid position in the data
+    position.write_text(json.dumps(state_json))
+    assert "data-iterator state is not the one saved with it" in cli_error(capsys, *first, "train.steps=8")

@@ -11,10 +11,12 @@ metadata alone), the iterator state's step and loader settings against the run's
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
+import uuid
 from typing import Any
 
 import grain
@@ -22,11 +24,14 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from trainer.config import TrainConfig
+from trainer.config import Config, TrainConfig
 from trainer.errors import MismatchError, RunError, TopologyError
 from trainer.files import DiskFull, write_whole
 
 LOADER = "loader"  # the Composite item holding the loader settings and step of the iterator state
+IDENTITY = "identity.json"  # under checkpoints/: what the run is, fixed at its first step (check_identity)
+RUN_ID = "run_id"  # the identity's random id, saved in every checkpoint's loader record
+ITERATOR_SHA = "iterator sha256"  # the loader record's hash of the iterator state it was saved beside
 
 
 def manager(run_dir: str, cfg: TrainConfig) -> ocp.CheckpointManager:
@@ -43,13 +48,81 @@ def manager(run_dir: str, cfg: TrainConfig) -> ocp.CheckpointManager:
 def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any], iterator, loader: dict[str, Any],
          force: bool = False):
     """Saves asynchronously; a step already on disk (one that could not be restored) is replaced.
-    `loader`: the settings the iterator state means something under (data.loader_settings)."""
+    `loader`: the settings the iterator state means something under (data.loader_settings) and the
+    run's id; saved with the step and the iterator state's hash."""
     if step in mngr.all_steps():
         mngr.wait_until_finished()
         mngr.delete(step)
+    record = {**loader, "step": step, ITERATOR_SHA: iterator_sha(iterator)}
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator),
-        **{LOADER: ocp.args.JsonSave({**loader, "step": step})}), force=force)
+        **{LOADER: ocp.args.JsonSave(record)}), force=force)
+
+
+def iterator_sha(iterator) -> str:
+    """A hash of the iterator's state (the position in the data): an edited position is refused."""
+    return hashlib.sha256(json.dumps(iterator.get_state(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_identity(cfg: Config, tokenizer_sha256: str) -> dict[str, Any]:
+    """What a run is, beyond its model's shape (checked against every checkpoint's metadata): the
+    objective, the blocks evals decode with, and the tokenizer its data was written with."""
+    from trainer import objectives
+
+    return {"objective.name": cfg.objective.name,
+            "objective.block_size": objectives.get(cfg.objective.name).block_size(cfg.objective),
+            "tokenizer sha256": tokenizer_sha256}
+
+
+def read_identity(run_dir: str) -> dict[str, Any] | None:
+    """The identity recorded at a run's first step (None: a run from before identities, or none yet)."""
+    path = epath.Path(run_dir) / "checkpoints" / IDENTITY
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except ValueError:
+        raise RunError(f"{path} is damaged: restore it (it fixes what the run is) or start a new run_dir") from None
+
+
+def identity_conflict(saved: dict[str, Any], identity: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """(key, the run's value, the other value) where `identity` differs from the recorded one, or None."""
+    return next(((key, saved[key], value) for key, value in identity.items() if key in saved and saved[key] != value),
+                None)
+
+
+def check_identity(run_dir: str, identity: dict[str, Any], write: bool) -> str:
+    """The run's id. A run's identity is fixed at its first step: resuming as anything else is refused
+    in one line (the way out: a new run_dir with train.init_from_run). `write`: record it when the
+    run has none (process 0, under the run lock)."""
+    saved = read_identity(run_dir)
+    if saved is not None:
+        conflict = identity_conflict(saved, identity)
+        if conflict:
+            key, theirs, ours = conflict
+            raise MismatchError(f"{run_dir} was trained with {key}={theirs}, this config has {ours}: resume with the "
+                                f"run's settings, or start a new run_dir with train.init_from_run={run_dir} (keeps "
+                                f"its weights)")
+        return saved[RUN_ID]
+    record = {RUN_ID: uuid.uuid4().hex, **identity}
+    if write:
+        path = epath.Path(run_dir) / "checkpoints" / IDENTITY
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_whole(path, json.dumps(record, indent=1))
+    return record[RUN_ID]
+
+
+def check_owner(mngr: ocp.CheckpointManager, run_dir: str, step: int) -> None:
+    """Refuses a committed step written by another run (a checkpoint folder copied in): its loader
+    record's run id is not the run's. Runs and steps from before run ids are not checked."""
+    saved = read_identity(run_dir)
+    if saved is None or not (epath.Path(mngr.directory) / str(step) / LOADER).exists():
+        return
+    try:
+        record = mngr.restore(step, args=ocp.args.Composite(**{LOADER: ocp.args.JsonRestore()}))[LOADER]
+    except Exception:  # a damaged record: restoring the step reports it
+        return
+    if record.get(RUN_ID) not in (None, saved[RUN_ID]):
+        raise RunError(f"checkpoint step {step} of {run_dir} was written by another run (run id {record[RUN_ID]}, "
+                       f"this run's {saved[RUN_ID]}): a checkpoint copied in from elsewhere; remove it")
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -142,6 +215,9 @@ def restore_latest(mngr: ocp.CheckpointManager, state: dict[str, Any], iterator,
             continue
         if recorded:
             check_loader(str(mngr.directory), restored[LOADER], int(restored["state"]["step"]), loader)
+            if restored[LOADER].get(ITERATOR_SHA) not in (None, iterator_sha(iterator)):
+                raise TopologyError(f"{mngr.directory}/{step}: its data-iterator state is not the one saved with "
+                                    f"it (altered since): remove step {step} to resume from the one before")
         return restored["state"]
     if steps:
         raise RunError(f"no checkpoint of {mngr.directory} is readable (steps {sorted(steps)} were damaged)")
@@ -154,8 +230,11 @@ def check_loader(directory: str, saved: dict[str, Any], step: int, loader: dict[
     if saved.get("step") != step:
         raise TopologyError(f"{directory}/{step}: its data-iterator state was saved at step {saved.get('step')}, "
                             f"its train state at step {step}: the checkpoint was altered; remove step {step}")
+    if saved.get(RUN_ID) not in (None, loader.get(RUN_ID)):
+        raise TopologyError(f"{directory}/{step} was written by another run (run id {saved[RUN_ID]}, this run's "
+                            f"{loader.get(RUN_ID)}): a checkpoint copied in from elsewhere; remove it")
     for key, value in loader.items():
-        if saved.get(key) != value:
+        if key != RUN_ID and saved.get(key) != value:
             raise TopologyError(f"{directory}/{step}: its data-iterator state was saved with {key}={saved.get(key)}, "
                                 f"this run has {value}: resume with the settings and data it was saved with, or "
                                 f"start a new run_dir (train.init_from_run keeps the weights)")

@@ -75,6 +75,7 @@ def load_params(run_dir: str, step: int | None = None, cfg: Config | None = None
     abstract = abstract_state(cfg)
     checkpointing.check_shapes(mngr, step, abstract["params"], f"{run_dir}/config.yaml does not describe the run's "
                                                                f"checkpoints; restore the config it was trained with")
+    checkpointing.check_owner(mngr, run_dir, step)
     try:
         params = checkpointing.restore_params(mngr, step, abstract)
     except Exception as e:  # orbax/tensorstore raise many kinds for a damaged file

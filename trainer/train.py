@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from trainer import attention, checkpointing, data, hf, objectives, observe, runlock, sharding
@@ -197,6 +198,8 @@ def run(cfg: Config) -> int:
         check_init_weights(cfg, manifest)
     if cfg.train.init_from_run:
         check_init_source(cfg, manifest)
+    identity = checkpointing.run_identity(cfg, manifest["tokenizer"]["sha256"])
+    checkpointing.check_identity(cfg.run_dir, identity, write=False)  # before anything is written
     check_resume(cfg)
     lock = runlock.RunLock(cfg.run_dir) if jax.process_index() == 0 else None
     if lock is not None:
@@ -222,7 +225,11 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None) 
     iterator = data.train_iterator(cfg, manifest, jax.process_index(), jax.process_count())
     mngr = checkpointing.manager(cfg.run_dir, cfg.train)
     checkpointing.check_data_state(cfg.run_dir, data.DATA_ORDER)
-    loader = data.loader_settings(cfg, manifest, jax.process_count())
+    run_id = checkpointing.check_identity(
+        cfg.run_dir, checkpointing.run_identity(cfg, manifest["tokenizer"]["sha256"]), write=lead)
+    if jax.process_count() > 1:  # every process saves the id process 0 recorded
+        run_id = bytes(multihost_utils.broadcast_one_to_all(np.frombuffer(bytes.fromhex(run_id), np.uint8))).hex()
+    loader = {**data.loader_settings(cfg, manifest, jax.process_count()), checkpointing.RUN_ID: run_id}
     restored = checkpointing.restore_latest(mngr, state, iterator, loader)  # onto this mesh, whatever saved it
     if restored is not None:
         state = restored
