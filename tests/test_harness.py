@@ -317,3 +317,18 @@ def test_an_ar_run_still_gets_no_samplers_from_auto(ar_run):
     out = decoders.generate("causal", graphdef, params, np.full((2, 4), 5, np.int32),
                             SamplingConfig(prompt_tokens=4, gen_length=8), 3, 2, jax.random.key(0))
     assert out.tokens.shape == (2, 12) and (out.forwards <= 8).all() and out.batch_forwards == out.forwards.max()
+
+
+@pytest.mark.parametrize("extra,message", [(["--tasks", "no_such_task"], "Tasks not found: no_such_task"),
+                                           (["--tasks", "tinystories_cloze", "--limit", "0"], "--limit 0: must be"),
+                                           (["--tasks", "tinystories_cloze", "--limit=-3"], "--limit -3: must be")])
+def test_the_harness_cli_refuses_an_unknown_task_and_a_limit_of_nothing_in_one_line(ar_run, monkeypatch, capsys,
+                                                                                     extra, message):
+    from evals.harness import __main__ as harness_cli
+
+    monkeypatch.setattr(sys, "argv", ["evals.harness", "--model", "diffusion-lm-jax", "--model_args",
+                                      f"run_dir={ar_run}", *extra])
+    assert harness_cli.main() == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not [line for line in err if line.startswith("Traceback")]

@@ -63,6 +63,9 @@ def test_config_errors_name_the_key(capsys, tiny_overrides, tmp_path):
     for override, key in [("model.heads=0", "model.heads"), ("model.hidden=-64", "model.hidden"),
                           ("objective.block_size=0", "objective.block_size"), ("model.layers=0", "model.layers")]:
         assert key in cli_error(capsys, *tiny_overrides, override, "objective.name=oput")
+    assert "objective.block_size must be at most data.seq_len=64" in cli_error(
+        capsys, *tiny_overrides, "objective.name=bd3lm", "objective.block_size=128")
+    assert "train.global_batch must be at least 1" in cli_error(capsys, *tiny_overrides, "train.global_batch=0")
     assert not (tmp_path / "run").exists()  # refused before anything was written
     assert "data.packing_bins is retired: replaced by data.pack_documents" in cli_error(
         capsys, *tiny_overrides, "data.packing_bins=8")

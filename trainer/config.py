@@ -132,6 +132,7 @@ class Config:
             *self.objective.rules(self),
             (t.steps >= 1, "train.steps", "must be at least 1"),
             (t.grad_accum >= 1, "train.grad_accum", "must be at least 1"),
+            (t.global_batch >= 1, "train.global_batch", "must be at least 1"),
             (d.streams >= 0 and (d.streams or num_processes) % num_processes == 0, "data.streams",
              f"must be 0 or a multiple of the {num_processes} processes"),
             (t.global_batch % (d.streams or num_processes) == 0, "train.global_batch",

@@ -17,6 +17,7 @@ from evals.harness.model import DiffusionLM
 from trainer.errors import ConfigError
 
 TASKS = pathlib.Path(__file__).parent / "tasks"  # the shipped tasks
+SHIPPED = tuple(sorted(p.stem for p in TASKS.glob("*.yaml")))  # their names
 
 
 def task_manager(names: list[str], metadata: dict[str, Any]) -> TaskManager:
@@ -27,8 +28,7 @@ def task_manager(names: list[str], metadata: dict[str, Any]) -> TaskManager:
         manager = TaskManager(include_path=str(TASKS), metadata=metadata)
     unknown = sorted(set(names) - set(manager.all_tasks))
     if unknown:
-        shipped = TaskManager(include_path=str(TASKS), include_defaults=False).all_tasks
-        raise ConfigError(f"harness.tasks: unknown {unknown} (shipped: {', '.join(shipped)}; or lm_eval's own)")
+        raise ConfigError(f"harness.tasks: unknown {unknown} (shipped: {', '.join(SHIPPED)}; or lm_eval's own)")
     return manager
 
 

@@ -28,14 +28,16 @@ class BD3LMSettings(MDLMSettings):
     noise_range_high: float = 1.0  # (see noise_range_low)
 
     def rules(self, cfg):
-        return [*super().rules(cfg), *block_rules(self),
+        return [*super().rules(cfg), *block_rules(self, cfg),
                 (self.noise_range_high > self.eps, "objective.noise_range_high",
                  f"must be above objective.eps={self.eps}")]
 
 
-def block_rules(s) -> list[tuple[bool, str, str]]:
+def block_rules(s, cfg) -> list[tuple[bool, str, str]]:
     """Rules of the settings every block-diffusion objective shares."""
     return [(s.block_size >= 1, "objective.block_size", "must be at least 1"),
+            (s.block_size <= cfg.data.seq_len, "objective.block_size",
+             f"must be at most data.seq_len={cfg.data.seq_len} (a block is decoded within the trained length)"),
             (0 <= s.noise_range_low <= s.noise_range_high <= 1, "objective.noise_range_low",
              "and noise_range_high must satisfy 0 <= low <= high <= 1")]
 

@@ -30,7 +30,7 @@ class OPUTSettings(bd3lm.BD3LMSettings):
     supervised_eos: int = 32  # trailing EOS positions after the response that carry loss
 
     def rules(self, cfg):
-        return [*MDLMSettings.rules(self, cfg), *bd3lm.block_rules(self),
+        return [*MDLMSettings.rules(self, cfg), *bd3lm.block_rules(self, cfg),
                 (cfg.data.seq_len % max(self.block_size, 1) == 0, "data.seq_len",
                  f"must be a multiple of objective.block_size={self.block_size} for oput"),
                 (0 <= self.on_policy_ratio <= 1, "objective.on_policy_ratio", "must be in [0, 1]")]
