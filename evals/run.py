@@ -254,9 +254,11 @@ class Evaluator:
 
     def watch(self) -> None:
         """Evaluates checkpoints as they commit, until the run's final step (an export's only
-        step) has been evaluated."""
+        step) has been evaluated; RunError when the run directory disappears meanwhile."""
         final = self.exported if self.exported is not None else self.run_cfg.train.steps
         while final not in self.ledger.steps(self.settings):
+            if not (epath.Path(self.run_dir) / "config.yaml").exists():  # a watcher ends with what it watches
+                raise RunError(f"{self.run_dir} was deleted (or lost its config.yaml) while it was watched: stopping")
             if not self.once():
                 time.sleep(self.cfg.poll_seconds)
 

@@ -593,3 +593,23 @@ def test_every_reader_refuses_a_swapped_tokenizer_and_a_manifest_without_its_key
     (broken / "manifest.json").write_text("{not json")
     assert "is not valid JSON" in one_line(cli.main([*evals_args[:-len(EVAL_SMALL) - 1], f"data_path={broken}",
                                                      *EVAL_SMALL]))
+
+
+def test_a_watcher_ends_in_one_line_when_its_run_directory_is_deleted(tiny_dataset, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from evals import run as run_module
+
+    fresh = tmp_path / "fresh"  # a run that has not committed a step yet
+    fresh.mkdir()
+    cfg = config_lib.load(None, [f"data.path={tiny_dataset}", f"run_dir={fresh}", *TINY_MODEL])
+    (fresh / "config.yaml").write_text(config_lib.dump(cfg))
+    polls = []
+
+    def sleep(seconds):
+        polls.append(seconds)
+        shutil.rmtree(fresh)  # deleted between two polls
+
+    monkeypatch.setattr(run_module.time, "sleep", sleep)
+    assert cli.main(["--run_dir", str(fresh), "--watch", "poll_seconds=0.01", *EVAL_SMALL]) == 2
+    assert len(polls) == 1 and "was deleted" in capsys.readouterr().err
