@@ -9,8 +9,9 @@ a key added to the evals after a record was made takes its default, which keeps 
 behaviour. Records of older evaluators (`<step>.json`) keep their names. `evals/ledger.jsonl`, one
 line per record in step order, is regenerated from them after every record, under a file lock on
 local disk; on an object store (no locks) a view written by two evaluators at once may lack the
-other's newest record until the next one rewrites it. A line or file that is not valid JSON (a
-torn write by some other tool) is skipped with a warning.
+other's newest record until the next one rewrites it. A line or file that is empty or not valid
+JSON (a torn write by some other tool) is skipped with a warning; its step is evaluated again and
+a step file that held it is replaced.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Ledger:
         by_key: dict[tuple[int, str], dict[str, Any]] = {}
         sources = []
         if self.path.exists():
-            sources += [(line, self.path) for line in self.path.read_text().splitlines()]
+            sources += [(line, self.path) for line in self.path.read_text().splitlines() if line.strip()]
         if self.steps_dir.exists():
             sources += [(path.read_text(), path) for path in self.steps_dir.glob("*.json")]
         for text, where in sources:
@@ -84,26 +85,28 @@ class Ledger:
         return {r["step"] for r in self.records(settings)}
 
     def append(self, record: dict[str, Any]) -> None:
-        """Records a step under its settings (once: a record already there is kept) and rewrites
-        ledger.jsonl."""
+        """Records a step under its settings (once: a readable record already there is kept; a
+        damaged or empty one, which was evaluated again, is replaced) and rewrites ledger.jsonl."""
         self.steps_dir.mkdir(parents=True, exist_ok=True)
         key = settings_hash(record.get("settings"))
         with _locked(self.directory):
             step_file = self.steps_dir / f"{record['step']:012d}{'-' + key if key else ''}.json"
-            if not step_file.exists():
+            if not step_file.exists() or _parse(step_file.read_text(), step_file, quiet=True) is None:
                 write_whole(step_file, json.dumps(record))
             write_whole(self.path, "".join(json.dumps(r) + "\n" for r in self.records()))
 
 
-def _parse(text: str, where: epath.Path) -> dict[str, Any] | None:
-    if not text.strip():
-        return None
+def _parse(text: str, where: epath.Path, quiet: bool = False) -> dict[str, Any] | None:
+    """The record `text` holds, or None (with a warning unless `quiet`) when it is empty or damaged:
+    its step is evaluated again and the record replaced."""
     try:
         record = json.loads(text)
     except json.JSONDecodeError:
         record = None
     if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-        print(f"warning: skipped a damaged ledger entry in {where}: {text[:60]!r}")
+        if not quiet:
+            kind = "an empty" if not text.strip() else "a damaged"
+            print(f"warning: skipped {kind} ledger entry in {where}: {text[:60]!r} (its step is evaluated again)")
         return None
     return record
 

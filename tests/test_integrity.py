@@ -658,3 +658,18 @@ def test_pipelines_manifest_compares_sizes_and_reports_damage_in_one_line(tiny_d
     with pytest.raises(SystemExit) as help_exit:
         manifest.main(["--help"])
     assert help_exit.value.code == 0 and "usage: python -m pipelines.manifest" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content,kind", [("", "an empty"), ('{"step": 30, "perpl', "a damaged")])
+def test_a_damaged_or_empty_step_record_is_evaluated_again_and_replaced(tmp_path, capsys, content, kind):
+    ledger = Ledger(str(tmp_path))
+    ledger.append({"step": 10, "perplexity": {}})
+    (tmp_path / "evals" / "steps" / "000000000030.json").write_text(content)
+    (tmp_path / "evals" / "ledger.jsonl").unlink()  # rebuilt from the step files
+    assert ledger.steps() == {10}
+    assert f"warning: skipped {kind} ledger entry" in capsys.readouterr().out
+    ledger.append({"step": 30, "perplexity": {"ppl_bound": 2.0}})  # evaluated again
+    assert json.loads((tmp_path / "evals" / "steps" / "000000000030.json").read_text())["perplexity"] == {"ppl_bound": 2.0}
+    Ledger(str(tmp_path)).append({"step": 40, "perplexity": {}})  # a later record rewrites the view
+    assert Ledger(str(tmp_path)).steps() == {10, 30, 40}
+    assert [json.loads(x)["step"] for x in (tmp_path / "evals" / "ledger.jsonl").read_text().splitlines()] == [10, 30, 40]
