@@ -92,6 +92,9 @@ def test_end_to_end_on_gcs(gcs_emulator, story_file):
         ["-m", "trainer", f"data.path={data}", f"run_dir={run}", *SMALL_MODEL.split(), "train.steps=30",
          "train.checkpoint_every=10", "wandb.mode=disabled", "optim.warmup_steps=5"],
         ["-m", "evals", "--run_dir", run, "--once", "wandb_mode=disabled", *SMALL_EVAL.split()],
+        # an export in shards, then one replacing it whole: no shard of the first may stay
+        ["-m", "trainer.export", "--run_dir", run, "--output", f"gs://{BUCKET}/e2e/export", "--max_shard_mb", "0"],
+        ["-m", "trainer.export", "--run_dir", run, "--output", f"gs://{BUCKET}/e2e/export", "--overwrite"],
     ]
     for command in commands:
         result = subprocess.run([sys.executable, *command], env=gcs_emulator.env, capture_output=True, text=True,
@@ -106,8 +109,10 @@ def test_end_to_end_on_gcs(gcs_emulator, story_file):
         "print(json.dumps(out))"
     )
     paths = [f"{data}/manifest.json", data, f"{run}/evals/ledger.jsonl", f"{run}/checkpoints",
-             f"{run}/evals/report.html", f"{run}/metrics.jsonl"]
+             f"{run}/evals/report.html", f"{run}/metrics.jsonl", f"gs://{BUCKET}/e2e/export", f"gs://{BUCKET}/e2e"]
     files = json.loads(gcs_emulator.python(reader, *paths).strip().splitlines()[-1])
+    assert files[f"gs://{BUCKET}/e2e/export"] == ["config.json", "config.yaml", "model.safetensors", "tokenizer.json"]
+    assert not [name for name in files[f"gs://{BUCKET}/e2e"] if "partial" in name]
     check_outputs(files.__getitem__, files.__getitem__, data, run, [10, 20, 30])
     logged = [json.loads(line)["step"] for line in files[f"{run}/metrics.jsonl"].splitlines()]
     assert logged == [10, 20, 30]  # GCS cannot append: the file is rewritten whole, losing no line

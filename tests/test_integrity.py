@@ -467,7 +467,6 @@ DIRECT_WRITES = {
     ("pipelines/spill.py", "write"): "a job's scratch files, never read after it",
     ("pipelines/steps.py", "process"): "ArrayRecordWriter to a local temporary file, then copied atomically",
     ("pipelines/corpus.py", "write_tinystories_layout"): "a generated input corpus, rewritten whole by each run",
-    ("trainer/hf.py", "export"): "safetensors weights (the index and config.json go through write_whole)",
 }
 
 
@@ -673,3 +672,25 @@ def test_a_damaged_or_empty_step_record_is_evaluated_again_and_replaced(tmp_path
     Ledger(str(tmp_path)).append({"step": 40, "perplexity": {}})  # a later record rewrites the view
     assert Ledger(str(tmp_path)).steps() == {10, 30, 40}
     assert [json.loads(x)["step"] for x in (tmp_path / "evals" / "ledger.jsonl").read_text().splitlines()] == [10, 30, 40]
+
+
+def test_an_export_replaces_another_only_whole_and_only_when_asked(tiny_overrides, tmp_path, capsys):
+    from trainer import export
+
+    cfg = config_lib.load(None, [*tiny_overrides, "train.steps=4", "train.checkpoint_every=2", "train.keep_last=2"])
+    assert train.run(cfg) == 0
+    run, out = str(tmp_path / "run"), tmp_path / "export"
+    assert export.main(["--run_dir", run, "--step", "2", "--output", str(out), "--max_shard_mb", "0"]) == 0
+    sharded = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" in sharded and len([n for n in sharded if n.startswith("model-")]) > 2
+    capsys.readouterr()
+    assert export.main(["--run_dir", run, "--output", str(out)]) == 2
+    assert "already holds an export: pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == sharded  # refused: untouched
+    assert export.main(["--run_dir", run, "--output", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "config.yaml", "model.safetensors", "tokenizer.json"]
+    assert json.loads((out / "config.json").read_text())["diffusion_lm"]["step"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    capsys.readouterr()
+    assert export.main(["--run_dir", run, "--output", run, "--overwrite"]) == 2  # not an export: never replaced
+    assert "holds files that are not an export" in capsys.readouterr().err

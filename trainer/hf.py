@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from etils import epath
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as safetensors_bytes
 
 from trainer.config import ModelConfig
 from trainer.errors import UserError
@@ -195,8 +195,8 @@ def export(params: Any, cfg: ModelConfig, directory: str, extra_config: dict[str
         size += array.nbytes
     files = [SINGLE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for file, shard in zip(files, shards):
-        save_file(shard, str(out / file), metadata={"format": "pt"})
+    for file, shard in zip(files, shards):  # as bytes: safetensors writes only local paths, this may be gs://
+        write_whole(out / file, safetensors_bytes(shard, metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
                  "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
