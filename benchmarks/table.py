@@ -226,20 +226,26 @@ def adaptation(r: dict) -> list[Row]:
     """Each arm's bound and story correctness at N + M total steps against its from-scratch twin's;
     the adapted Dream's steps to its twin's final bound, against the goal of (N + M) / 3."""
     total, seeds = r["ar_steps"] + r["adapt_steps"], r["seeds"]
-    twins = {"dream_from_ar": "dream_scratch", "mdlm_from_ar": "mdlm_scratch"}
+    twins = {"dream_from_ar": "dream_scratch", "dream_from_ar_lr4e-4": "dream_scratch", "mdlm_from_ar": "mdlm_scratch"}
     last = {name: [curve[-1] for curve in by_seed.values()] for name, by_seed in r["curves"].items()}
     rows = [(f"adaptation: the AR run at {r['ar_steps']} steps, perplexity and story correctness ({seeds} seeds)",
              ", ".join(f"{c['ppl']:.2f}" for c in last["ar"]),
              "story correctness " + ", ".join(f"{c['story_correctness']:.2f}" for c in last["ar"]), "")]
     for name in r["arms"]:
         twin = twins.get(name)
+        if r["arms"][name]["from_ar"]:
+            first = [curve[0] for curve in r["curves"][name].values()]
+            rows.append((f"adaptation: {name}, bound of the AR weights it starts from (step 0)",
+                         ", ".join(f"{c['ppl']:.2f}" for c in first), "", ""))
         figure = ", ".join(f"{c['ppl']:.2f}" for c in last[name])
         baseline = f"{twin} " + ", ".join(f"{c['ppl']:.2f}" for c in last[twin]) if twin else ""
         ratio = f"{statistics.median(a['ppl'] / b['ppl'] for a, b in zip(last[name], last[twin])):.3f}" if twin else ""
         rows.append((f"adaptation (AR {r['ar_steps']} + {r['adapt_steps']} steps): {name}, bound at {total} total "
                      f"steps ({seeds} seeds)", figure, baseline, ratio))
+        l2r = "" if "l2r_story_correctness" not in last[name][0] else " (left to right: " + ", ".join(
+            f"{c['l2r_story_correctness']:.2f}" for c in last[name]) + ")"
         rows.append((f"adaptation: {name}, story correctness at {total} total steps ({r['arms'][name]['decoder']})",
-                     ", ".join(f"{c['story_correctness']:.2f}" for c in last[name]),
+                     ", ".join(f"{c['story_correctness']:.2f}" for c in last[name]) + l2r,
                      "distinct-2 " + ", ".join(f"{c['distinct_2']:.2f}" for c in last[name]), ""))
     within = r["goal"]["dream_reaches_scratch_within_third"]
     reached = r["reaches_scratch_final"]["dream_from_ar"]
