@@ -9,7 +9,9 @@ what dead letters cite and what makes keys independent of how the work was split
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
+import os
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -73,10 +75,13 @@ def expand_inputs(patterns: list[str]) -> list[tuple[str, int]]:
             matched = FileSystems.match([pattern])[0].metadata_list
         except Exception as e:  # Beam raises BeamIOError for unreachable buckets etc.
             raise UserError(f"cannot list input {pattern}: {first_line(e)}") from None
-        if not matched:
+        if not matched and not _unlisted(pattern, set()):
             raise UserError(f"input {pattern} matches no files; check the path or glob")
         for m in matched:
             files[m.path] = m.size_in_bytes
+        for path, reason in _unlisted(pattern, {m.path for m in matched}):
+            raise UserError(f"input {pattern} matches {path}, which cannot be read ({reason}): remove it or narrow "
+                            f"the glob")
     for path in files:
         try:
             with storage.open_binary(path) as f:
@@ -84,6 +89,20 @@ def expand_inputs(patterns: list[str]) -> list[tuple[str, int]]:
         except Exception as e:
             raise UserError(f"cannot read input file {path}: {first_line(e)}") from None
     return sorted(files.items())
+
+
+def _unlisted(pattern: str, listed: set[str]) -> list[tuple[str, str]]:
+    """(path, why) for each local file the glob matches that Beam's listing left out because it could
+    not stat it (a dangling symlink, a symlink loop): read, refused or dead-lettered, never dropped."""
+    if "://" in pattern:
+        return []
+    missed = []
+    for path in sorted(set(glob.glob(pattern)) - listed):
+        try:
+            os.stat(path)
+        except OSError as e:
+            missed.append((path, e.strerror or type(e).__name__))
+    return missed
 
 
 def plan_file_units(files: list[tuple[str, int]], chunk_bytes: int,
@@ -152,8 +171,12 @@ def plan_tfds_units(spec: TfdsInput, data_dir: str | None) -> list[WorkUnit]:
 # --------------------------------------------------------------------------- reading
 
 
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark: some editors start a file with it; it is not text
+
+
 def _lines_from(f, start: int, end: int) -> Iterator[tuple[int, bytes]]:
-    """(offset, line) for the lines whose first byte lies in [start, end)."""
+    """(offset, line) for the lines whose first byte lies in [start, end); a file's leading
+    byte-order mark is dropped."""
     if start > 0:
         f.seek(start - 1)
         offset = start - 1 + len(f.readline())  # finish the line holding byte start-1
@@ -164,7 +187,7 @@ def _lines_from(f, start: int, end: int) -> Iterator[tuple[int, bytes]]:
         line = f.readline()
         if not line:
             return
-        yield offset, line
+        yield offset, line[len(BOM):] if offset == 0 and line.startswith(BOM) else line
         offset += len(line)
 
 

@@ -63,3 +63,24 @@ def test_unknown_extension_is_a_user_error():
 def test_glob_matching_nothing_is_a_user_error(tmp_path):
     with pytest.raises(sources.UserError, match="matches no files"):
         sources.expand_inputs([str(tmp_path / "*.txt")])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 100])
+def test_a_leading_byte_order_mark_is_not_text(tmp_path, chunk):
+    stories = tmp_path / "s.txt"
+    stories.write_bytes(b"\xef\xbb\xbfOnce upon a time.\n<|endoftext|>\nThe end.\n")
+    assert [payload.strip() for _, _, payload in _read_all(stories, "text", chunk)] == [b"Once upon a time.", b"The end."]
+    rows = tmp_path / "r.jsonl"
+    rows.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
+    assert [payload for _, _, payload in _read_all(rows, "jsonl", chunk)] == [{"text": "a"}, {"text": "b"}]
+
+
+@pytest.mark.parametrize("make,reason", [(lambda p: p.symlink_to(p.parent / "gone.txt"), "No such file"),
+                                         (lambda p: p.symlink_to(p), "symbolic links")])
+def test_a_glob_match_that_cannot_be_read_is_refused_not_dropped(tmp_path, make, reason):
+    (tmp_path / "a.txt").write_text("Once upon a time.\n")
+    make(tmp_path / "b.txt")
+    with pytest.raises(sources.UserError, match=rf"matches {tmp_path / 'b.txt'}, which cannot be read \(.*{reason}"):
+        sources.expand_inputs([str(tmp_path / "*.txt")])
+    (tmp_path / "b.txt").unlink()
+    assert [path for path, _ in sources.expand_inputs([str(tmp_path / "*.txt")])] == [str(tmp_path / "a.txt")]
