@@ -694,3 +694,55 @@ def test_an_export_replaces_another_only_whole_and_only_when_asked(tiny_override
     capsys.readouterr()
     assert export.main(["--run_dir", run, "--output", run, "--overwrite"]) == 2  # not an export: never replaced
     assert "holds files that are not an export" in capsys.readouterr().err
+
+
+def test_a_full_disk_when_the_run_lock_is_created_is_one_line_and_leaves_no_lock(tiny_overrides, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import errno
+    import os
+
+    from trainer import __main__ as trainer_cli
+
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, fd, *args, **kwargs):
+            self._file = real_fdopen(fd, *args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._file.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", FullDisk)
+    assert trainer_cli.main([*tiny_overrides, "train.steps=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no space left on the device creating the run lock") and len(err.splitlines()) == 1
+    assert not (tmp_path / "run" / ".lock").exists()
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    assert trainer_cli.main([*tiny_overrides, "train.steps=2"]) == 0  # space again: nothing stands in the way
+
+
+def test_a_checkpoint_larger_than_the_free_space_is_refused_before_its_save_starts(tiny_overrides, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import collections
+    import shutil as shutil_module
+
+    import orbax.checkpoint as ocp
+
+    from trainer import __main__ as cli
+
+    started = []
+    real_save = ocp.CheckpointManager.save
+    monkeypatch.setattr(ocp.CheckpointManager, "save", lambda self, step, *a, **k: started.append(step) or
+                        real_save(self, step, *a, **k))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - 1000, 1000))
+    err = error_line(capsys, cli.main([*tiny_overrides, "train.steps=4", "train.checkpoint_every=2"]))
+    assert "no space left on the device saving a checkpoint" in err and "1,000 free" in err
+    assert started == []  # refused at the first save, before any background write began
+    assert not (tmp_path / "run" / "checkpoints" / "2").exists()

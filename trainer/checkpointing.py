@@ -53,6 +53,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict[str, Any], iterator
     if step in mngr.all_steps():
         mngr.wait_until_finished()
         mngr.delete(step)
+    check_space(str(mngr.directory), state)
     record = {**loader, "step": step, ITERATOR_SHA: iterator_sha(iterator)}
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator),
@@ -148,9 +149,22 @@ for _logger in ("absl", "asyncio"):
     logging.getLogger(_logger).addFilter(_QuietDiskFull())
 
 
+def state_bytes(state: dict[str, Any]) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+def check_space(checkpoints: str, state: dict[str, Any]) -> None:
+    """Before an asynchronous save: a checkpoint that cannot fit on local disk is refused now, in one
+    line, instead of failing in the background (a flood of event-loop errors, reported a save late)."""
+    if "://" in checkpoints or not os.path.isdir(checkpoints):
+        return
+    if shutil.disk_usage(checkpoints).free < state_bytes(state):
+        raise disk_full(str(epath.Path(checkpoints).parent), state)
+
+
 def disk_full(run_dir: str, state: dict[str, Any]) -> DiskFull:
     """The one-line error for a checkpoint that did not fit: where, how many bytes, how many free."""
-    needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    needed = state_bytes(state)
     directory = epath.Path(run_dir) / "checkpoints"
     free = "" if "://" in run_dir else f", {shutil.disk_usage(directory).free:,} free"
     return DiskFull(f"no space left on the device saving a checkpoint to {directory} ({needed:,} bytes needed"

@@ -11,6 +11,7 @@ create here).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -20,7 +21,7 @@ import uuid
 from etils import epath
 
 from trainer.errors import UserError
-from trainer.files import write_whole
+from trainer.files import DiskFull, write_whole
 
 LOCK = ".lock"
 
@@ -78,8 +79,15 @@ class RunLock:
             fd = os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({**self._record, "heartbeat": time.time()}))
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({**self._record, "heartbeat": time.time()}))
+        except OSError as e:  # an empty lock left behind would look like another holder's
+            self._path.unlink(missing_ok=True)
+            if e.errno == errno.ENOSPC:
+                raise DiskFull(f"no space left on the device creating the run lock {self._path}: free space and "
+                               f"re-run") from None
+            raise
         return True
 
     def _read(self) -> dict | None:
