@@ -558,6 +558,11 @@ def test_a_runs_identity_is_fixed_at_its_first_step_and_its_checkpoints_carry_it
         error = cli_error(capsys, *first, "train.steps=6", change)
         assert key in error and "train.init_from_run" in error
         assert (run / "config.yaml").read_text() == saved  # nothing rewritten
+    identity = (run / "checkpoints" / "identity.json").read_text()
+    (run / "checkpoints" / "identity.json").unlink()  # a run from before identities: its config.yaml says it
+    assert "objective.name=bd3lm, this config has mdlm" in cli_error(capsys, *first, "train.steps=6",
+                                                                      "objective.name=mdlm")
+    (run / "checkpoints" / "identity.json").write_text(identity)
     (run / "config.yaml").write_text(saved.replace("block_size: 8", "block_size: 4"))  # evals would decode blocks of 4
     small = ["--once", "sampling.num_samples=2", "sampling.gen_length=16", "perplexity.max_tokens=300"]
     assert evals_cli.main(["--run_dir", str(run), *small]) == 2

@@ -108,12 +108,20 @@ def check_resume(cfg: Config) -> None:
     path, checkpoints = epath.Path(cfg.run_dir) / "config.yaml", epath.Path(cfg.run_dir) / "checkpoints"
     if not path.exists() or not checkpoints.exists() or checkpointing.reader(cfg.run_dir).latest_step() is None:
         return  # nothing trained yet: nothing to protect
-    saved = config_lib.load_run(cfg.run_dir).model
+    saved_cfg = config_lib.load_run(cfg.run_dir)
+    saved = saved_cfg.model
     for field in dataclasses.fields(saved):
         if field.name not in HOW_IT_RUNS and getattr(saved, field.name) != getattr(cfg.model, field.name):
             raise MismatchError(
                 f"{cfg.run_dir} holds a run with model.{field.name}={getattr(saved, field.name)}, this config has "
                 f"{getattr(cfg.model, field.name)}: resume with the run's model or use a new run_dir")
+    # A run from before identity.json: its saved config says what it was trained as.
+    conflict = checkpointing.identity_conflict(checkpointing.run_identity(saved_cfg, ""),
+                                               checkpointing.run_identity(cfg, ""))
+    if conflict:
+        key, theirs, ours = conflict
+        raise MismatchError(f"{cfg.run_dir} holds a run with {key}={theirs}, this config has {ours}: resume with the "
+                            f"run's settings, or start a new run_dir with train.init_from_run={cfg.run_dir}")
 
 
 def check_init_source(cfg: Config, manifest: dict[str, Any]) -> None:
