@@ -76,10 +76,16 @@ def continue_prompts(args: argparse.Namespace, prompts: list[str]):
 
     from evals import decoders
     from evals.decoders import common
+    from trainer.errors import ConfigError
 
     run, weights, sampling = _setup(args)
     spec = decoders.resolve(args.sampler, run.cfg.objective.name, sampling)
     encoded = [_encode(run, text) for text in prompts]
+    longest = max(len(ids) for ids in encoded)
+    if longest + sampling.gen_length > run.cfg.data.seq_len:
+        raise ConfigError(f"a prompt of {longest} tokens and gen_length={sampling.gen_length} exceed the "
+                          f"{run.cfg.data.seq_len} positions the model was trained on (data.seq_len): shorten the "
+                          f"prompt or lower gen_length")
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(i)

@@ -326,7 +326,7 @@ def test_generate_infills_mask_spans_and_traces_each_forward(dream_run, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--sampler", "nope", "--prompt", "x"], "sampler 'nope' is not a registered decoder"),
     (["--sampler", "remask", "--prompt", "x"], "Dream's shift"),
-    (["--prompt", "x", "gen_length=500"], "exceeds the 64 positions the model was trained on"),
+    (["--prompt", "x", "gen_length=500"], "gen_length=500 exceed the 64 positions the model was trained on"),
     (["--prompt", "no gap here", "--infill"], "has no mask span"),
     (["--prompt", "x", "--step", "3"], "no committed checkpoint at step 3"),
     (["--prompt", "x", "alg=best"], "sampling.alg must be one of"),

@@ -45,10 +45,10 @@ class Decoder:
     cached_twin: str | None = None  # a decoder that gives the same tokens with another program (spd -> spd_cached)
     # Reads position i's token from position i-1's logits: it fits exactly the objectives with `shift` (Dream).
     shifted: bool = False
-    one_token: Callable[[SamplingConfig], bool] = lambda cfg: False
+    one_token: Callable[[SamplingConfig], bool] = lambda cfg: False  # commits one token per forward: the reference
     # Full-attention decoders: a program builder like `build` whose `generate(params, canvas_BT, key)` fills
     # the masks of a canvas anywhere, the other tokens fixed (evals.generate --infill); None: cannot infill.
-    infill: Callable | None = None  # commits one token per forward: the reference
+    infill: Callable | None = None
     settings: Callable[[SamplingConfig], SamplingConfig] = lambda cfg: cfg  # what it fixes in the settings
     # Chosen by samplers=auto. The causal decoder is not: an AR run is scored by its exact perplexity and
     # judges the others' samples; it samples when named (and in the harness's generate_until).
