@@ -6,7 +6,7 @@ Trains the tiny model of `configs/tinystories_tiny*.yaml` (same size, data, opti
 with each arm's objective on the quickstart's 5,000 generated stories, at --seeds seeds, keeping a
 checkpoint every --every steps; evaluates each checkpoint with the arm's one-token decoder (AR:
 causal greedy; BD3LM: one token per forward, most confident first, in blocks; MDLM: the remasking
-sampler at one token per step) on --prompts held-out prompts, and parses every sample against the
+sampler at one token per step; Dream: its own decoder at one token per step) on --prompts held-out prompts, and parses every sample against the
 corpus's grammar (evals/quality.py). Per arm and seed: the curve of story correctness (share of
 samples without an error), sentence validity and the validation bound per step; the first step
 at which story correctness reaches each of --levels; and each diffusion arm's steps to a level
@@ -34,6 +34,7 @@ ARMS = {
     "ar": ("configs/tinystories_tiny_ar.yaml", "causal", []),
     "mdlm": ("configs/tinystories_tiny.yaml", "remask", []),
     "bd3lm": ("configs/tinystories_tiny_bd3lm.yaml", "one_token", []),
+    "dream": ("configs/tinystories_tiny_dream.yaml", "dream", []),  # not a default arm: --arm dream
 }
 
 

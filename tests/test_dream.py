@@ -261,6 +261,7 @@ def test_an_ar_run_and_its_export_start_dream_with_the_same_params_and_first_los
     from trainer import export, state, train
 
     assert export.main(["--run_dir", str(ar_run), "--output", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["diffusion_lm"]["shifted_logits"] is False
     data_path = config_lib.load_run(ar_run).data.path
     common_overrides = [f"data.path={data_path}", *TINY_MODEL, "objective.name=dream", "train.steps=1",
                         "train.checkpoint_every=1"]

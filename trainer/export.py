@@ -48,7 +48,9 @@ def _export(args: argparse.Namespace) -> int:
         extra = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"],
                  "mask_token_id": ids["mask"],
                  "diffusion_lm": {"objective": cfg.objective.name, "step": step, "run_dir": args.run_dir,
-                                  "block_size": objectives.get(cfg.objective.name).block_size(cfg.objective)}}
+                                  "block_size": objectives.get(cfg.objective.name).block_size(cfg.objective),
+                                  # position i's token is read from position i-1's logits (Dream)
+                                  "shifted_logits": objectives.get(cfg.objective.name).shift}}
         staged = staging_for(out)  # written beside the output, then swapped in whole
         try:
             files = hf.export(params, cfg.model, str(staged), extra, max_shard_bytes=args.max_shard_mb << 20)
