@@ -746,3 +746,27 @@ def test_a_checkpoint_larger_than_the_free_space_is_refused_before_its_save_star
     assert "no space left on the device saving a checkpoint" in err and "1,000 free" in err
     assert started == []  # refused at the first save, before any background write began
     assert not (tmp_path / "run" / "checkpoints" / "2").exists()
+
+
+def test_a_checkpoint_whose_metadata_this_orbax_cannot_read_is_skipped_by_the_trainer_and_recorded_by_evals(
+        trained, tmp_path, capsys):
+    from tests.conftest import TINY_MODEL
+    from trainer import __main__ as trainer_cli
+
+    run = copy_of(trained, tmp_path)
+    metadata = run / "checkpoints" / "4" / "state" / "_METADATA"
+    tree = json.loads(metadata.read_text())
+    for entry in tree["tree_metadata"].values():  # as a newer orbax might write them
+        for key in entry["key_metadata"]:
+            key["key_type"] = 99
+    metadata.write_text(json.dumps(tree))
+    assert evals_once(run) == 0  # the intact step is evaluated, the other recorded as unreadable
+    records = [json.loads(line) for line in (run / "evals" / "ledger.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "perplexity" in r] == [2]
+    assert any(r["step"] == 4 and "unreadable" in json.dumps(r) for r in records)
+    capsys.readouterr()
+    config = config_lib.load_run(run)
+    assert trainer_cli.main([f"data.path={config.data.path}", f"run_dir={run}", *TINY_MODEL, "train.steps=6",
+                             "train.checkpoint_every=2"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint step 4 is unreadable" in out and "resuming at step 2" in out
