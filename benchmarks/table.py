@@ -233,8 +233,8 @@ def adaptation(r: dict) -> list[Row]:
              "story correctness " + ", ".join(f"{c['story_correctness']:.2f}" for c in last["ar"]), "")]
     for name in r["arms"]:
         twin = twins.get(name)
-        if r["arms"][name]["from_ar"]:
-            first = [curve[0] for curve in r["curves"][name].values()]
+        first = [curve[0] for curve in r["curves"][name].values() if curve[0]["step"] == 0]
+        if first:  # results before the step-0 bound have none
             rows.append((f"adaptation: {name}, bound of the AR weights it starts from (step 0)",
                          ", ".join(f"{c['ppl']:.2f}" for c in first), "", ""))
         figure = ", ".join(f"{c['ppl']:.2f}" for c in last[name])
