@@ -139,16 +139,25 @@ def test_ar_loglikelihood_is_our_exact_perplexity_code_on_the_same_tokens(ar_run
                    True)
     best, worst = int(jnp.argmax(logits[0, -1])), int(jnp.argmin(logits[0, -1]))
     assert lm.score([(context, [best]), (context, [worst])]).greedy_R.tolist() == [True, False]
-    # The same through lm_eval's request: (loglikelihood, is_greedy) with is_greedy the model's own choice.
-    asked = [("Once upon a time", tokenizer.decode([token])) for token in (best, worst)]
-    assert [lm._pair(*pair)[1] for pair in asked] == [[best], [worst]]  # the texts are those tokens
-    assert [greedy for _, greedy in lm.loglikelihood(requests("loglikelihood", asked))] == [True, False]
 
     text = "Lily and Tom played in the park all day."  # one window: the whole text given BOS
     [rolling] = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
     assert rolling == pytest.approx(-nll([bos, *tokenizer.encode(text).ids]), rel=1e-5)
     [long] = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(text * 12,)]))  # several windows
     assert long < rolling < 0
+
+
+def test_is_greedy_in_loglikelihood_is_whether_the_continuation_is_the_models_own_choice(ar_run):
+    lm = DiffusionLM.create_from_arg_string(f"run_dir={ar_run},batch_size=2")
+    model = nnx.merge(lm.ckpt.graphdef, lm.ckpt.params)
+    tokenizer, bos = lm.ckpt.tokenizer, lm.ckpt.ids["bos"]
+    context = [bos, *tokenizer.encode("Once upon a time").ids]
+    logits = model(jnp.asarray([context]), jnp.ones((1, len(context)), jnp.int32), jnp.arange(len(context))[None],
+                   True)
+    best, worst = int(jnp.argmax(logits[0, -1])), int(jnp.argmin(logits[0, -1]))
+    asked = [("Once upon a time", tokenizer.decode([token])) for token in (best, worst)]
+    assert [lm._pair(*pair)[1] for pair in asked] == [[best], [worst]]  # the texts are those tokens
+    assert [greedy for _, greedy in lm.loglikelihood(requests("loglikelihood", asked))] == [True, False]
 
 
 @pytest.fixture(scope="module")
