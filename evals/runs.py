@@ -1,6 +1,6 @@
 """Reading a run for evaluation: its config, the data evals read, and params of a committed step
 or of a `trainer.export` directory, on this process's first device. `Run` opens one once for
-every reader (evals, the harness, evals.generate)."""
+every reader (evals, the harness, evals.generate, evals.trajectories)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def load_config(run_dir: str) -> config_lib.Config:
     return config_lib.load_run(path)
 
 
-def eval_data(run_cfg: config_lib.Config, data_path: str) -> dict[str, Any]:
+def eval_data(run_cfg: config_lib.Config, data_path: str, split: str = "validation") -> dict[str, Any]:
     """The manifest of the data evals read (`data_path`, else the run's), with `run_cfg.data.path`
-    pointed at it; refuses another tokenizer than the run's and an empty validation split."""
+    pointed at it; refuses another tokenizer than the run's and an empty `split` (the one read)."""
     path = data_path or run_cfg.data.path
     manifest = data.load_manifest(path)
     if data_path and data_path != run_cfg.data.path:
@@ -36,8 +36,8 @@ def eval_data(run_cfg: config_lib.Config, data_path: str) -> dict[str, Any]:
             raise RunError(f"data_path {data_path} was tokenized with another tokenizer than the run's data "
                            f"({run_cfg.data.path})")
         run_cfg.data.path = path
-    if not manifest["splits"]["validation"]["num_records"]:
-        raise RunError(f"the validation split of {path} holds no records: evals score and prompt from it "
+    if not manifest["splits"][split]["num_records"]:
+        raise RunError(f"the {split} split of {path} holds no records: evals score and prompt from it "
                        f"(preprocess with a larger --validation_fraction, or set data_path)")
     return manifest
 
@@ -80,6 +80,19 @@ class Run(NamedTuple):
     ids: dict[str, int | None]  # special ids: pad, bos, eos, mask
     exported: int | None  # the step an export holds; None for a run directory
 
+    def step(self, step: int = 0) -> int:
+        """The committed step `step` (0 = the latest; an export: its step); RunError when there is none."""
+        if self.exported is not None:
+            if step not in (0, self.exported):
+                raise RunError(f"{self.run_dir} is an export of step {self.exported}, not of step {step}")
+            return self.exported
+        steps = checkpointing.committed_steps(checkpointing.reader(self.run_dir))
+        chosen = step or (steps[-1] if steps else None)
+        if chosen not in steps:
+            raise RunError(f"{self.run_dir} has no committed checkpoint{f' at step {step}' if step else ''} "
+                           f"(committed: {steps})")
+        return chosen
+
     def weights(self, step: int = 0) -> state.Weights:
         """The weights of committed `step` (0 = the latest; an export: its step) on this process's
         first device."""
@@ -90,11 +103,12 @@ class Run(NamedTuple):
         return state.Weights(*load_exported(self.run_dir, self.cfg), self.exported)
 
 
-def open_run(run_dir: str, data_path: str = "") -> Run:
-    """Reads a run or an export: config, the data evals read (`data_path`, else the run's; same
-    tokenizer), its tokenizer and special ids. RunError when any is missing or does not fit."""
+def open_run(run_dir: str, data_path: str = "", split: str = "validation") -> Run:
+    """Reads a run or an export: config, the data its reader reads (`data_path`, else the run's; same
+    tokenizer; `split` must hold records), its tokenizer and special ids. RunError when any is
+    missing or does not fit."""
     cfg = load_config(run_dir)
-    manifest = eval_data(cfg, data_path)
+    manifest = eval_data(cfg, data_path, split)
     saved = checkpointing.read_identity(run_dir)
     conflict = saved and checkpointing.identity_conflict(
         saved, checkpointing.run_identity(cfg, manifest["tokenizer"]["sha256"]))

@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 from evals import decoders, ledger, runs
 from evals.config import SamplingConfig
-from trainer import checkpointing, data, runlock, signals, state
+from trainer import data, runlock, signals
 from trainer.config import check, load_into
-from trainer.errors import ConfigError, RunError, UserError
+from trainer.errors import ConfigError, UserError
 
 SIDECAR = "trajectories.json"
 
@@ -213,18 +213,9 @@ def generate_trajectories(run_dir: str, output: str, cfg: TrajectoriesConfig) ->
 
 
 def _generate(run_dir: str, output: str, cfg: TrajectoriesConfig, lock: runlock.RunLock) -> dict:
-    run_cfg = runs.load_config(run_dir)
-    path = cfg.data_path or run_cfg.data.path
-    manifest = data.load_manifest(path)
-    if data.tokenizer_sha(run_cfg.data.path) not in (None, manifest["tokenizer"]["sha256"]):  # None: data gone
-        raise ConfigError(f"data_path {path} was tokenized with another tokenizer than the run's data "
-                          f"({run_cfg.data.path}): use a dataset preprocessed with its tokenizer.json")
-    tokenizer = runs.tokenizer(path, manifest)
-    ids = data.special_ids(manifest)
-    steps = checkpointing.committed_steps(checkpointing.reader(run_dir))
-    step = cfg.step or (steps[-1] if steps else None)
-    if step not in steps:
-        raise RunError(f"{run_dir} has no committed checkpoint {cfg.step or ''}".rstrip())
+    run = runs.open_run(run_dir, cfg.data_path, cfg.split)  # its cfg.data.path: the data read
+    run_cfg, manifest, tokenizer, ids, path = run.cfg, run.manifest, run.tokenizer, run.ids, run.cfg.data.path
+    step = run.step(cfg.step)
     found = prompts(path, cfg.split, cfg, tokenizer)
     if not found:
         raise ConfigError(f"no usable prompts in the {cfg.split} split of {path} (prompt_tokens={cfg.prompt_tokens})")
@@ -250,7 +241,7 @@ def _generate(run_dir: str, output: str, cfg: TrajectoriesConfig, lock: runlock.
     if existing is not None:
         return existing
 
-    graphdef, params, _ = state.load_params(run_dir, step, run_cfg)
+    graphdef, params, _ = run.weights(step)
     key = jax.random.key(sampling_cfg.seed)
     generate = lambda batch, batch_key: decoders.generate(  # noqa: E731  (decoded once, not timed)
         names[0], graphdef, params, batch, sampling_cfg, ids["mask"], ids["eos"], batch_key, timed=False)
