@@ -154,3 +154,12 @@ def test_sampling_keys_the_job_sets_itself_are_refused():
     for key in ("sampling.prompt_tokens=8", "sampling.num_samples=4"):
         with pytest.raises(ConfigError, match=key.split("=")[0]):
             config_lib.load_into(TrajectoriesConfig(), None, [key]).validate()
+
+
+def test_an_export_makes_the_same_trajectories_as_its_run(straight, bd3lm_run, tmp_path):
+    from trainer import export
+
+    _, output = straight
+    assert export.main(["--run_dir", str(bd3lm_run), "--output", str(tmp_path / "hf")]) == 0
+    result = make(tmp_path / "hf", tmp_path / "from_export")
+    assert result["model"]["step"] == 40 and rows_of(tmp_path / "from_export") == rows_of(output)
