@@ -86,21 +86,14 @@ class Run(NamedTuple):
             if step not in (0, self.exported):
                 raise RunError(f"{self.run_dir} is an export of step {self.exported}, not of step {step}")
             return self.exported
-        steps = checkpointing.committed_steps(checkpointing.reader(self.run_dir))
-        chosen = step or (steps[-1] if steps else None)
-        if chosen not in steps:
-            raise RunError(f"{self.run_dir} has no committed checkpoint{f' at step {step}' if step else ''} "
-                           f"(committed: {steps})")
-        return chosen
+        return state.committed_step(checkpointing.reader(self.run_dir), self.run_dir, step or None)
 
     def weights(self, step: int = 0) -> state.Weights:
         """The weights of committed `step` (0 = the latest; an export: its step) on this process's
         first device."""
         if self.exported is None:
             return state.load_params(self.run_dir, step or None, self.cfg)
-        if step not in (0, self.exported):
-            raise RunError(f"{self.run_dir} is an export of step {self.exported}, not of step {step}")
-        return state.Weights(*load_exported(self.run_dir, self.cfg), self.exported)
+        return state.Weights(*load_exported(self.run_dir, self.cfg), self.step(step))
 
 
 def open_run(run_dir: str, data_path: str = "", split: str = "validation") -> Run:

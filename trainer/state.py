@@ -62,16 +62,22 @@ class Weights(NamedTuple):
     step: int  # the training step they were saved at
 
 
+def committed_step(mngr, run_dir: str, step: int | None = None) -> int:
+    """`step` (None: the latest) when it is committed; RunError otherwise."""
+    steps = checkpointing.committed_steps(mngr)
+    chosen = steps[-1] if step is None and steps else step
+    if chosen not in steps:
+        raise RunError(f"{run_dir} has no committed checkpoint{'' if step is None else f' at step {step}'} "
+                       f"(committed: {steps})")
+    return chosen
+
+
 def load_params(run_dir: str, step: int | None = None, cfg: Config | None = None) -> Weights:
     """A run's committed checkpoint `step` (default: the latest), placed on this process's first
     device whatever mesh trained it. `cfg`: the run's config when already read."""
     cfg = cfg or config_lib.load_run(run_dir)
     mngr = checkpointing.reader(run_dir)
-    steps = checkpointing.committed_steps(mngr)
-    step = steps[-1] if step is None and steps else step
-    if step not in steps:
-        raise RunError(f"{run_dir} has no committed checkpoint{'' if step is None else f' at step {step}'} "
-                       f"(committed: {steps})")
+    step = committed_step(mngr, run_dir, step)
     abstract = abstract_state(cfg)
     checkpointing.check_shapes(mngr, step, abstract["params"], f"{run_dir}/config.yaml does not describe the run's "
                                                                f"checkpoints; restore the config it was trained with")

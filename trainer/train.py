@@ -213,13 +213,13 @@ def run(cfg: Config) -> int:
     if lock is not None:
         lock.acquire()  # one trainer per run directory
     try:
-        return _train(cfg, manifest, lock)
+        return _train(cfg, manifest, lock, identity)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None) -> int:
+def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None, identity: dict[str, Any]) -> int:
     mask_id = data.special_ids(manifest)["mask"]
     lead = jax.process_index() == 0  # logs, progress, wandb and config: process 0 only
     run_dir = epath.Path(cfg.run_dir)
@@ -233,8 +233,7 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None) 
     iterator = data.train_iterator(cfg, manifest, jax.process_index(), jax.process_count())
     mngr = checkpointing.manager(cfg.run_dir, cfg.train)
     checkpointing.check_data_state(cfg.run_dir, data.DATA_ORDER)
-    run_id = checkpointing.check_identity(
-        cfg.run_dir, checkpointing.run_identity(cfg, manifest["tokenizer"]["sha256"]), write=lead)
+    run_id = checkpointing.check_identity(cfg.run_dir, identity, write=lead)  # recorded under the run lock
     if jax.process_count() > 1:  # every process saves the id process 0 recorded
         run_id = bytes(multihost_utils.broadcast_one_to_all(np.frombuffer(bytes.fromhex(run_id), np.uint8))).hex()
     loader = {**data.loader_settings(cfg, manifest, jax.process_count()), checkpointing.RUN_ID: run_id}
