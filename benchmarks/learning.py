@@ -28,6 +28,8 @@ import tempfile
 import jax
 from _common import emit, run
 
+from evals import perplexity
+
 PROMPT_LEN, GEN_LENGTH = 16, 64
 # name: (config, one-token decoder, overrides)
 ARMS = {
@@ -67,7 +69,7 @@ def train_and_evaluate(tmp: str, data: str, name: str, arm, seed: int, args) -> 
                          "story_correctness_interval": m["story_correctness_interval"],
                          "sentence_validity": round(m["sentence_validity"], 4),
                          "distinct_2": round(m["distinct_2"], 4),
-                         "ppl": round(ppl.get("ppl_bound", ppl.get("ar_ppl")), 4)})
+                         "ppl": round(perplexity.figure(ppl)[1], 4)})
     return rows
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from trainer.config import check, load_into
+from trainer.objectives.editflow import KAPPAS
 
 
 @dataclasses.dataclass
@@ -33,12 +34,15 @@ class SamplingConfig:
     revise: str = "auto"
     temperature: float = 0.0  # 0 = greedy, else Gumbel-max sampling at this temperature
     suppress_mask: bool = True  # never predict the mask token
-    remask_steps: int = 0  # remask and dream: total steps, spread over the blocks (0 = gen_length, a token per step)
+    remask_steps: int = 0  # remask, dream, editflow: total steps, over the blocks (0 = gen_length, a token per step)
     # dream: which masked positions a step unmasks: origin (each with probability 1 - s/t) or the most confident
     # by maskgit_plus (the token's probability), topk_margin (top-1 minus top-2) or entropy (negative entropy)
     alg: str = "maskgit_plus"
     alg_temp: float = 0.0  # dream: 0 = the most confident; else sampled without replacement from softmax(conf / this)
-    time_eps: float = 1e-3  # dream: the time grid runs from 1 down to this
+    time_eps: float = 1e-3  # dream: the time grid runs from 1 down to this; editflow: from 0 up to 1 - this
+    edit_kappa: str = "auto"  # editflow: the schedule of its rates (auto = the run's objective.kappa, as trained)
+    edit_max_w: float = 0.0  # editflow: the clip of the rates' weight kappa'/(1 - kappa) (0 = the run's objective.max_w)
+    edit_masks: int = -1  # editflow: MASK tokens after the prompt at the start (-1 = the run's objective prior)
     seed: int = 0  # sampling randomness
 
 
@@ -108,6 +112,9 @@ class EvalConfig:
             (s.alg in DREAM_ALGS, "sampling.alg", f"must be one of {', '.join(DREAM_ALGS)}"),
             (s.alg_temp >= 0, "sampling.alg_temp", "must be >= 0"),
             (0 < s.time_eps < 1, "sampling.time_eps", "must be in (0, 1)"),
+            (s.edit_kappa in ("auto", *KAPPAS), "sampling.edit_kappa", f"must be auto or one of {', '.join(KAPPAS)}"),
+            (s.edit_max_w >= 0, "sampling.edit_max_w", "must be >= 0 (0 = the run's objective.max_w)"),
+            (s.edit_masks >= -1, "sampling.edit_masks", "must be >= -1 (-1 = the run's objective prior)"),
             (self.poll_seconds > 0, "poll_seconds", "must be positive"),
             (self.wandb_mode in ("offline", "online", "disabled"), "wandb_mode",
              "must be offline, online or disabled"),

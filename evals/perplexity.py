@@ -1,4 +1,5 @@
-"""The validation perplexity bound (the MDLM or BD3LM NELBO) or exact AR perplexity, deterministically."""
+"""The validation perplexity bound (the MDLM or BD3LM NELBO), exact AR perplexity, or (objectives
+whose loss is not a bound: Edit Flows) the exponent of the loss per token, deterministically."""
 
 from __future__ import annotations
 
@@ -19,6 +20,15 @@ from trainer.config import Config
 def time_grid(samples: int, eps: float) -> np.ndarray:
     """A fixed antithetic grid: the midpoints of `samples` equal strata of [0, 1], mapped to [eps, 1]."""
     return eps + (1 - eps) * (np.arange(samples) + 0.5) / samples
+
+
+# What evaluate reports, one per objective: a bound's exponent, AR's exact perplexity, or a loss's exponent.
+FIGURES = ("ppl_bound", "ar_ppl", "loss_ppl")
+
+
+def figure(ppl: dict[str, Any]) -> tuple[str, float]:
+    """(name, value) of the figure an evaluate result holds."""
+    return next((name, ppl[name]) for name in FIGURES if name in ppl)
 
 
 def _compiled_loss(graphdef, mask_id: int, settings: objectives.Settings):
@@ -42,7 +52,8 @@ def evaluate(graphdef, params, run_cfg: Config, manifest: dict[str, Any], cfg: P
         ("perplexity", dataclasses.astuple(run_cfg.model), mask_id, dataclasses.astuple(run_cfg.objective)),
         lambda: _compiled_loss(graphdef, mask_id, run_cfg.objective))
 
-    rows = data.packed_dataset(run_cfg, manifest, "validation", cfg.batch_size, shuffle=False, repeat=False)
+    rows = data.EVAL_LOADERS[objective.batch](run_cfg, manifest, "validation", cfg.batch_size, shuffle=False,
+                                              repeat=False)
     grid = [None] if objective.exact else time_grid(cfg.time_samples, run_cfg.objective.eps)
     key = jax.random.key(cfg.seed)
     total_nll, total_count, tokens_seen = 0.0, 0, 0
@@ -56,7 +67,7 @@ def evaluate(graphdef, params, run_cfg: Config, manifest: dict[str, Any], cfg: P
             total_nll += float(nll)
             total_count += int(count)
     nats = total_nll / max(total_count, 1)
-    name = "ar_ppl" if objective.exact else "ppl_bound"
+    name = "ar_ppl" if objective.exact else "ppl_bound" if objective.bound else "loss_ppl"
     return {"nats_per_token": nats, name: float(np.exp(nats)), "ppl_tokens": tokens_seen,
             "ppl_time_samples": 0 if objective.exact else len(grid)}
 

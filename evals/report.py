@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from evals import quality
+from evals import perplexity, quality
 from evals.summary import sampler_rows
 
 _STYLE = """
@@ -164,7 +164,7 @@ def _trace(trace: dict[str, Any]) -> str:
 def render(records: list[dict[str, Any]], run_dir: str) -> str:
     failed = [r for r in sorted(records, key=lambda r: r["step"]) if "error" in r]
     records = sorted((r for r in records if "error" not in r), key=lambda r: r["step"])
-    metric = "ppl_bound" if any("ppl_bound" in r["perplexity"] for r in records) else "ar_ppl"
+    metric = perplexity.figure(records[-1]["perplexity"])[0] if records else "ppl_bound"
     points = [(r["step"], r["perplexity"][metric]) for r in records if metric in r["perplexity"]]
     parts = [f"<h1>Evaluation of {html.escape(run_dir)}</h1>",
              f"<h2>Validation {metric} vs step</h2>", plot({metric: points}, "training step", metric)]

@@ -244,7 +244,7 @@ class Evaluator:
                 print(f"step {step}: not evaluated, {result['error']} (recorded in the ledger)", flush=True)
                 continue
             ppl = result["perplexity"]
-            figure = ppl.get("ppl_bound", ppl.get("ar_ppl"))
+            _, figure = perplexity.figure(ppl)
             speeds = "".join(f", {name} {m['tokens_per_forward']:.2f} tokens/forward"
                              for name, m in result.get("samplers", {}).items())
             speeds += "".join(f", {task} {metric} {value:.3f}"

@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Any
 
-from evals import decoders, ledger, quality
+from evals import decoders, ledger, perplexity, quality
 
 
 def sampler_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -76,7 +76,7 @@ def text(run_dir: str) -> str:
         return f"{run_dir}: not evaluated yet"
     latest = records[-1]
     ppl = latest["perplexity"]
-    bound = ", ".join(f"{k} {v:.3f}" for k, v in ppl.items() if k in ("ppl_bound", "ar_ppl"))
+    bound = ", ".join(f"{k} {v:.3f}" for k, v in ppl.items() if k in perplexity.FIGURES)
     reference = latest.get("quality_reference") or {}
     lines = [f"{run_dir} step {latest['step']} ({latest['objective']}): {bound}"]
     if isinstance(reference, dict) and reference.get("sampler"):

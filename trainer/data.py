@@ -22,6 +22,7 @@ from etils import epath
 from tokenizers import Tokenizer
 
 from trainer import objectives, packing
+from trainer.objectives import editflow
 from trainer.checkpointing import first_line
 from trainer.config import Config, ModelConfig
 from trainer.errors import DataError
@@ -321,8 +322,35 @@ def trajectory_dataset(cfg: Config, manifest: dict[str, Any], split: str, batch_
     return ds.batch(batch_size, drop_remainder=repeat)
 
 
-# The rows each kind of objective reads (an objective's registry entry names one).
-LOADERS = {objectives.registry.PACKED: packed_dataset, objectives.registry.TRAJECTORY: trajectory_dataset}
+class _EditColumns(grain.experimental.MapWithIndexTransform):
+    """One document (or prompt + response) -> Edit Flows' aligned columns (objectives/editflow.py),
+    the shared prefix drawn from (seed, stream, element index): the same rows on every run."""
+
+    def __init__(self, cfg: Config, mask_id: int, stream: int):
+        self._cfg, self._mask_id, self._stream = cfg, mask_id, stream
+
+    def map_with_index(self, index: int, element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        s, tokens = self._cfg.objective, element["tokens"]
+        rng = np.random.default_rng([self._cfg.seed, self._stream, index])
+        prompt_len = editflow.example_prompt_len(int(element["prompt_len"]), len(tokens), s, rng)
+        return editflow.columns(tokens, prompt_len, s, self._mask_id, self._cfg.data.seq_len)
+
+
+def edit_dataset(cfg: Config, manifest: dict[str, Any], split: str, batch_size: int, *, shuffle: bool,
+                 repeat: bool, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Batches of {z0, z1, tokens_segment_ids} [batch_size, seq_len] and {x1_len, prompt_len, truncated}
+    [batch_size]: one example per row, never packed (an edit may change its length)."""
+    ds = in_reading_order(documents(cfg.data.path, manifest, split), cfg.seed, shuffle=shuffle, repeat=repeat,
+                          process_index=process_index, process_count=process_count)
+    ds = ds.map_with_index(_EditColumns(cfg, special_ids(manifest)["mask"], process_index))
+    return ds.to_iter_dataset(read_options(cfg)).batch(batch_size, drop_remainder=repeat)
+
+
+# The rows each kind of objective reads (an objective's registry entry names one), in training and in
+# the evals' likelihood (which scores trajectories' prompt + response as text).
+LOADERS = {objectives.registry.PACKED: packed_dataset, objectives.registry.TRAJECTORY: trajectory_dataset,
+           objectives.registry.EDIT: edit_dataset}
+EVAL_LOADERS = {**LOADERS, objectives.registry.TRAJECTORY: packed_dataset}
 
 
 class _ConcatStreams(grain.IterDataset):

@@ -107,11 +107,23 @@ class Block(nnx.Module):
         return x_BLD + self.mlp(self.mlp_norm(x_BLD)), kv
 
 
-class Transformer(nnx.Module):
-    """Blocks are a list, or with `scan_layers` one Block whose params carry a leading layer axis
-    (`blocks.attn.q.kernel[i]` is layer i's `blocks.i.attn.q.kernel`), run under jax.lax.scan."""
+class EditHeads(nnx.Module):
+    """Edit Flows' outputs beside the LM head (which gives the substitution tokens): the rates of
+    substituting, deleting and inserting after each row (softplus, in that order), and the tokens to
+    insert (a head of its own, started as a copy of the LM head when the model starts from a run)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.compute_dtype)
+        self.rates = nnx.Linear(cfg.hidden, 3, dtype=dtype, rngs=rngs)
+        self.ins = nnx.Linear(cfg.hidden, cfg.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+
+
+class Transformer(nnx.Module):
+    """Blocks are a list, or with `scan_layers` one Block whose params carry a leading layer axis
+    (`blocks.attn.q.kernel[i]` is layer i's `blocks.i.attn.q.kernel`), run under jax.lax.scan.
+    `edit_heads`: Edit Flows' rate and insertion heads too (edit_outputs)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, edit_heads: bool = False):
         self.cfg = cfg
         dtype = jnp.dtype(cfg.compute_dtype)
         self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden, dtype=dtype, rngs=rngs)
@@ -133,6 +145,7 @@ class Transformer(nnx.Module):
         self.final_norm = nnx.RMSNorm(cfg.hidden, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
         self.head = None if cfg.tie_embeddings else nnx.Linear(
             cfg.hidden, cfg.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+        self.edit = EditHeads(cfg, rngs) if edit_heads else None
 
     def __call__(self, tokens_BL, segment_ids_BL, positions_BL, causal: bool = False):
         """Training/scoring path: logits [B, L, V] in float32 over packed rows."""
@@ -149,9 +162,20 @@ class Transformer(nnx.Module):
         logits_for: only the first n positions' logits (the noisy stream of a two-stream row).
         """
         x_BLD, kvs = (self._scanned if self.cfg.scan_layers else self._unrolled)(x_BLD, positions_BL, spec, caches)
-        x_BLD = self.final_norm(x_BLD[:, :logits_for])
-        logits_BLV = self.embed.attend(x_BLD) if self.head is None else self.head(x_BLD)
-        return logits_BLV.astype(jnp.float32), kvs
+        return self.lm_logits(self.final_norm(x_BLD[:, :logits_for])), kvs
+
+    def lm_logits(self, h_BLD):
+        """The LM head over final-norm features, float32."""
+        return (self.embed.attend(h_BLD) if self.head is None else self.head(h_BLD)).astype(jnp.float32)
+
+    def edit_outputs(self, tokens_BL, segment_ids_BL, positions_BL):
+        """Edit Flows' outputs over padded rows (segment 0 = padding), float32: (substitution logits
+        [B, L, V] (the LM head), insertion logits [B, L, V], rates [B, L, 3] (sub, del, ins) >= 0)."""
+        x_BLD, _ = (self._scanned if self.cfg.scan_layers else self._unrolled)(
+            self.embed(tokens_BL), positions_BL, attention.Segments(segment_ids_BL, False), None)
+        h_BLD = self.final_norm(x_BLD)
+        rates_BL3 = jax.nn.softplus(self.edit.rates(h_BLD).astype(jnp.float32))
+        return self.lm_logits(h_BLD), self.edit.ins(h_BLD).astype(jnp.float32), rates_BL3
 
     def _unrolled(self, x_BLD, positions_BL, spec, caches):
         kvs = []

@@ -30,6 +30,7 @@ PARAM_AXES = {  # the first matching entry wins
     ("up", "kernel"): ("embed", "mlp"),
     ("down", "kernel"): ("mlp", "embed"),
     ("head", "kernel"): ("embed", "vocab"),
+    ("ins", "kernel"): ("embed", "vocab"),  # Edit Flows' insertion head
     ("scale",): ("embed",),
 }
 LOGICAL_AXES = {"batch", "vocab", "embed", "heads", "mlp"}

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from trainer import checkpointing, sharding
+from trainer import checkpointing, objectives, sharding
 from trainer import config as config_lib
 from trainer.config import Config, OptimConfig
 from trainer.errors import RunError
@@ -27,14 +27,19 @@ def make_optimizer(cfg: OptimConfig, steps: int) -> tuple[optax.GradientTransfor
     return optax.chain(clip, optax.adamw(schedule, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay)), schedule
 
 
+def build_model(cfg: Config, rngs: nnx.Rngs) -> Transformer:
+    """The model a run of `cfg` trains: the transformer, with the heads its objective needs."""
+    return Transformer(cfg.model, rngs, edit_heads=objectives.get(cfg.objective.name).edit_heads)
+
+
 def model_graphdef(cfg: Config) -> nnx.GraphDef:
     """The model's structure without its weights (nothing is allocated)."""
-    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))[0]
+    return nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))))[0]
 
 
 def init_state(cfg: Config, tx: optax.GradientTransformation) -> dict[str, Any]:
     """The train state as plain pytrees (params as a pure dict) for jit and orbax."""
-    params = nnx.to_pure_dict(nnx.split(Transformer(cfg.model, nnx.Rngs(params=cfg.seed)))[1])
+    params = nnx.to_pure_dict(nnx.split(build_model(cfg, nnx.Rngs(params=cfg.seed)))[1])
     return {
         "params": params,
         "opt_state": tx.init(params),

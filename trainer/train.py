@@ -144,6 +144,30 @@ def check_init_source(cfg: Config, manifest: dict[str, Any]) -> None:
                   cfg)
 
 
+def params_from_run(cfg: Config, state: dict[str, Any], shardings: Any) -> dict[str, Any]:
+    """train.init_from_run's params, placed like `state`'s. Between a run with Edit Flows' heads and one
+    without, the shared weights carry over: an Edit Flows model started from an AR or MDLM run gets
+    an insertion head copied from the LM head and its rate head as initialised."""
+    source = cfg.train.init_from_run
+    if objectives.get(config_lib.load_run(source).objective.name).edit_heads == \
+            objectives.get(cfg.objective.name).edit_heads:
+        return checkpointing.params_of_run(source, state)
+    theirs = state_lib.load_params(source).params
+    return with_edit_heads({name: value for name, value in theirs.items() if name in state["params"]},
+                           state["params"], cfg, shardings)
+
+
+def with_edit_heads(params: dict[str, Any], initial: dict[str, Any], cfg: Config, shardings: Any) -> dict[str, Any]:
+    """`params` of a model without Edit Flows' heads (another objective's run, a Hugging Face model)
+    completed with them where this run's model has them (`initial`, as initialised): the insertion
+    head a copy of the LM head (the references' recipe), the rate head as initialised."""
+    if "edit" not in initial:
+        return params
+    lm_head = params["embed"]["embedding"].T if cfg.model.tie_embeddings else params["head"]["kernel"]
+    return jax.device_put({**params, "edit": {"rates": initial["edit"]["rates"], "ins": {"kernel": lm_head}}},
+                          shardings)
+
+
 def _check_blocks(source: str, theirs: int | None, cfg: Config) -> None:
     ours = objectives.get(cfg.objective.name).block_size(cfg.objective)
     if None not in (theirs, ours) and theirs != ours:  # decoding blocks are what the model learned
@@ -241,9 +265,10 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None, 
     if restored is not None:
         state = restored
     elif cfg.train.init_from_run:
-        state["params"] = checkpointing.params_of_run(cfg.train.init_from_run, state)
+        state["params"] = params_from_run(cfg, state, shardings["params"])
     elif cfg.model.init_from:
-        state["params"] = hf.load(cfg.model.init_from, cfg.model, state["params"], shardings["params"])
+        state["params"] = with_edit_heads(hf.load(cfg.model.init_from, cfg.model, state["params"], shardings["params"]),
+                                          state["params"], cfg, shardings["params"])
     if lead:  # after every check of what the run's own files say: a refused resume leaves them as they were
         write_whole(run_dir / "config.yaml", dump(cfg))
     start = int(state["step"])

@@ -45,6 +45,8 @@ class Decoder:
     cached_twin: str | None = None  # a decoder that gives the same tokens with another program (spd -> spd_cached)
     # Reads position i's token from position i-1's logits: it fits exactly the objectives with `shift` (Dream).
     shifted: bool = False
+    # Reads Edit Flows' rate and insertion heads: it fits exactly the objectives with `edit_heads`.
+    edit_heads: bool = False
     one_token: Callable[[SamplingConfig], bool] = lambda cfg: False  # commits one token per forward: the reference
     # Full-attention decoders: a program builder like `build` whose `generate(params, canvas_BT, key)` fills
     # the masks of a canvas anywhere, the other tokens fixed (evals.generate --infill); None: cannot infill.
@@ -75,14 +77,22 @@ def fitting(objective_name: str) -> tuple[str, ...]:
 
 
 def is_matched(spec: str, objective_name: str) -> bool:
-    objective, decoder = objectives.get(objective_name), get(spec)
-    return objective.attention in decoder.fits and objective.shift == decoder.shifted
+    return objectives.get(objective_name).attention in get(spec).fits and reads_as_trained(spec, objective_name)
 
 
 def reads_as_trained(spec: str, objective_name: str) -> bool:
-    """Whether the decoder reads logits as the objective trained them (shifted or not): decoding
-    otherwise reads every token from the wrong position, so it is refused, not reported."""
-    return objectives.get(objective_name).shift == get(spec).shifted
+    """Whether the decoder reads the model's outputs as the objective trained them (logits shifted or
+    not; Edit Flows' heads or the LM head's masks): decoding otherwise reads every token from the
+    wrong place, so it is refused, not reported."""
+    objective, decoder = objectives.get(objective_name), get(spec)
+    return (objective.shift, objective.edit_heads) == (decoder.shifted, decoder.edit_heads)
+
+
+def trained_as(objective) -> str:
+    """How an objective's model is read, in words (for refusals)."""
+    if objective.edit_heads:
+        return "with Edit Flows' heads"
+    return f"{'with' if objective.shift else 'without'} Dream's shift"
 
 
 def is_one_token(spec: str, cfg: SamplingConfig) -> bool:
@@ -134,18 +144,23 @@ def plan(specs: str, cfg: SamplingConfig, run_cfg: Config) -> tuple[list[str], S
                           f"each optionally @threshold, or auto)")
     misread = [n for n in chosen if not reads_as_trained(n, objective.name)]
     if misread:
-        shifted = "with" if objective.shift else "without"
-        raise ConfigError(f"samplers {', '.join(misread)} cannot decode a model trained {shifted} Dream's shift "
+        raise ConfigError(f"samplers {', '.join(misread)} cannot decode a model trained {trained_as(objective)} "
                           f"(objective {objective.name}): use one of {', '.join(fitting(objective.name))}")
     if not cfg.block_length:
         cfg = dataclasses.replace(cfg, block_length=block_length(cfg, run_cfg))
     if cfg.revise == "auto":  # only a model trained to predict every position (OPUT) revises its drafts
         cfg = dataclasses.replace(cfg, revise="yes" if objective.revises else "no")
+    if objective.edit_heads:  # Edit Flows' rates are read under the schedule and prior the model trained with
+        o = run_cfg.objective
+        cfg = dataclasses.replace(
+            cfg, edit_kappa=o.kappa if cfg.edit_kappa == "auto" else cfg.edit_kappa,
+            edit_max_w=cfg.edit_max_w or o.max_w,
+            edit_masks=(o.prior_masks if o.prior == "masks" else 0) if cfg.edit_masks < 0 else cfg.edit_masks)
     trained = run_cfg.data.seq_len
     if cfg.prompt_tokens + cfg.gen_length > trained:
         raise ConfigError(f"sampling.prompt_tokens + sampling.gen_length = {cfg.prompt_tokens + cfg.gen_length} "
                           f"exceeds the {trained} positions the model was trained on (data.seq_len)")
-    if any(get(n).attention == FULL for n in chosen):
+    if any(get(n).attention == FULL and not get(n).edit_heads for n in chosen):
         blocks = cfg.gen_length // cfg.block_length
         if cfg.gen_length % cfg.block_length:
             raise ConfigError(f"sampling.gen_length {cfg.gen_length} must be a multiple of sampling.block_length "
@@ -175,8 +190,9 @@ def resolve(spec: str, objective_name: str, cfg: SamplingConfig) -> str:
         raise ConfigError(f"sampler {spec!r} is not a registered decoder (known: {', '.join(names())}, "
                           f"each optionally @threshold)")
     if spec and not reads_as_trained(spec, objective_name):
-        raise ConfigError(f"sampler {spec!r} reads logits otherwise than objective {objective_name} trained them "
-                          f"(Dream's shift): use one of {', '.join(fitting(objective_name))}")
+        raise ConfigError(f"sampler {spec!r} cannot decode a model trained "
+                          f"{trained_as(objectives.get(objective_name))} (objective {objective_name}): use one of "
+                          f"{', '.join(fitting(objective_name))}")
     if spec:
         return spec
     fits = fitting(objective_name)

@@ -15,8 +15,9 @@ from trainer.registry import Registry
 
 # The attention an objective trains with; decoders declare which of these they fit.
 BIDIRECTIONAL, CAUSAL, BLOCK_CAUSAL = "bidirectional", "causal", "block_causal"
-# The rows an objective reads from the loader (trainer/data.py builds them).
-PACKED, TRAJECTORY = "packed", "trajectory"
+# The rows an objective reads from the loader (trainer/data.py builds them); EDIT: one example per row as
+# Edit Flows' aligned columns (z0, z1).
+PACKED, TRAJECTORY, EDIT = "packed", "trajectory", "edit"
 
 
 @dataclasses.dataclass
@@ -51,10 +52,14 @@ class Objective:
     # given its context. None: the objective cannot be scored by position (the harness refuses it).
     token_loss: Callable[..., Any] | None = None
     exact: bool = False  # eval_loss is the exact NLL (AR), not a bound at grid times
+    bound: bool = True  # eval_loss bounds the NLL (evals: ppl_bound); False: a training loss only (loss_ppl)
     revises: bool = False  # its loss covers every position, so decoders may revise decoded drafts (SPD)
     # Position i's token is predicted by the logits of position i-1 (Dream's shift, an AR head's reading):
     # only decoders that read logits so (Decoder.shifted) fit it, and they fit nothing else.
     shift: bool = False
+    # The model carries Edit Flows' rate and insertion heads (model.EditHeads): only decoders with
+    # `edit_heads` fit it, and they fit nothing else.
+    edit_heads: bool = False
     block_size: Callable[[Settings], int | None] = lambda settings: None  # decoding blocks it was trained with
     # Per-step figures from the summed diagnostics of train_loss (jax arrays in, jax arrays out).
     report: Callable[[dict], dict] = lambda sums: {}
