@@ -58,7 +58,7 @@ def train_and_evaluate(tmp: str, data: str, name: str, arm, seed: int, args) -> 
         f"train.steps={args.steps}", f"train.checkpoint_every={args.every}",
         f"train.keep_last={args.steps // args.every + 1}", "wandb.mode=disabled", *overrides)
     run("-m", "evals", "--run_dir", run_dir, "--once", f"samplers={decoder}", f"sampling.num_samples={args.prompts}",
-        f"sampling.prompt_tokens={PROMPT_LEN}", f"sampling.gen_length={GEN_LENGTH}",
+        f"sampling.prompt_tokens={PROMPT_LEN}", f"sampling.gen_length={getattr(args, 'gen_length', GEN_LENGTH)}",
         f"perplexity.max_tokens={args.ppl_tokens}", "wandb_mode=disabled")
     rows = []
     with open(f"{run_dir}/evals/ledger.jsonl") as f:
@@ -69,7 +69,11 @@ def train_and_evaluate(tmp: str, data: str, name: str, arm, seed: int, args) -> 
                          "story_correctness_interval": m["story_correctness_interval"],
                          "sentence_validity": round(m["sentence_validity"], 4),
                          "distinct_2": round(m["distinct_2"], 4),
-                         "ppl": round(perplexity.figure(ppl)[1], 4)})
+                         "distinct_continuations": round(m["distinct_continuations"], 4),
+                         "length_tv": round(m["length_tv"], 4), "mean_length": round(m["mean_length"], 2),
+                         "forwards_per_sequence": m["forwards_per_sequence"],
+                         "tokens_per_forward": round(m["tokens_per_forward"], 4),
+                         "ppl": round(perplexity.figure(ppl)[1], 4), "ppl_kind": perplexity.figure(ppl)[0]})
     return rows
 
 

@@ -30,6 +30,7 @@ BENCHMARKS = {  # name: (script, full-size args, --quick args)
     "quality": ("quality.py", [], ["--steps", "60"]),
     "learning": ("learning.py", [], ["--seeds", "1", "--steps", "100"]),
     "adaptation": ("adaptation.py", [], ["--seeds", "1", "--ar_steps", "100", "--adapt_steps", "100"]),
+    "editflow": ("editflow.py", [], ["--seeds", "1", "--steps", "100", "--every", "100"]),
     "oput": ("oput.py", [], ["--base_steps", "150", "--tune_steps", "60"]),
     "harness_levels": ("harness_levels.py", [], ["--steps", "100", "--docs", "10"]),
 }

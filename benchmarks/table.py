@@ -259,6 +259,26 @@ def adaptation(r: dict) -> list[Row]:
     return rows
 
 
+def editflow(r: dict) -> list[Row]:
+    """Edit Flows' final figures per seed beside MDLM's and BD3LM's at the same steps and size."""
+    f, seeds = r["final"], r["seeds"]
+
+    def each(name, key, digits=2):
+        return ", ".join(f"{v:.{digits}f}" for v in f[name][key])
+
+    rows = []
+    for key, label in (("story_correctness", "story correctness"), ("sentence_validity", "sentence validity"),
+                       ("distinct_2", "distinct-2"), ("length_tv", "length distance (TV) to the real continuations"),
+                       ("forwards_per_sequence", "forwards per sample")):
+        rows.append((f"Edit Flows at {r['steps']} steps: {label} ({seeds} seeds)", each("editflow", key),
+                     f"MDLM {each('mdlm', key)}; BD3LM {each('bd3lm', key)}", ""))
+    rows.append((f"Edit Flows at {r['steps']} steps: mean generated length", each("editflow", "mean_length", 1),
+                 f"MDLM {each('mdlm', 'mean_length', 1)}; BD3LM {each('bd3lm', 'mean_length', 1)}", ""))
+    rows.append((f"Edit Flows at {r['steps']} steps: validation exp(loss per token), not a bound",
+                 each("editflow", "ppl"), f"bounds: MDLM {each('mdlm', 'ppl')}; BD3LM {each('bd3lm', 'ppl')}", ""))
+    return rows
+
+
 def harness_levels(r: dict) -> list[Row]:
     """The harness's diffusion loglikelihood per number of noise levels K."""
     return [(f"harness loglikelihood, {model}, K = {key[2:]} noise levels ({r[model]['requests']} cloze requests)",
@@ -269,7 +289,7 @@ def harness_levels(r: dict) -> list[Row]:
 
 RENDER = {"preprocess": preprocess, "train_step": train_step, "decoding": decoding, "decoding_shared": decoding,
           "quality": quality, "oput": oput, "harness_levels": harness_levels, "learning": learning,
-          "adaptation": adaptation}
+          "adaptation": adaptation, "editflow": editflow}
 
 
 def render(latest: dict) -> str:

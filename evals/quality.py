@@ -99,9 +99,20 @@ def correctness(checks: list[corpus.StoryCheck]) -> dict[str, Any]:
             "story_errors": [c.errors[0] if c.errors else "" for c in checks]}
 
 
+def length_distance(lengths_N: np.ndarray, real_M: np.ndarray, bin_width: int = 8) -> float:
+    """Total variation between the histograms (bins of `bin_width` tokens) of the samples' generated
+    lengths and the real continuations' (each through its EOS, cut at gen_length): 0 = the same
+    distribution, 1 = disjoint. How well a decoder that chooses its length (Edit Flows) chooses it."""
+    bins = int(max(lengths_N.max(initial=0), real_M.max(initial=0))) // bin_width + 1
+    ours = np.bincount(lengths_N // bin_width, minlength=bins) / max(len(lengths_N), 1)
+    theirs = np.bincount(real_M // bin_width, minlength=bins) / max(len(real_M), 1)
+    return float(0.5 * np.abs(ours - theirs).sum())
+
+
 def real_continuations(prompts: Prompts) -> dict[str, Any]:
     """The figures of the data itself, what a sampler's diversity is read against."""
-    return {"sequences": len(prompts.real), **diversity(prompts.real),
+    return {"sequences": len(prompts.real), "mean_length": float(np.mean([len(r) for r in prompts.real])),
+            **diversity(prompts.real),
             **({"story_correctness": 1.0, "sentence_validity": 1.0} if prompts.grammar else {})}
 
 
@@ -163,6 +174,8 @@ def sampler_metrics(out: Samples, prompt_len: int, eos_id: int, judge=None, prom
         "sequences": len(lengths),
         **diversity(generated),
     }
+    if prompts is not None:
+        metrics["length_tv"] = length_distance(lengths, np.array([len(r) for r in prompts.real]))
     if prompts is not None and prompts.grammar:
         metrics.update(correctness(story_checks(out, prompt_len, eos_id, prompts)))
     if judge is not None:

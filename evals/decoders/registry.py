@@ -92,7 +92,7 @@ def trained_as(objective) -> str:
     """How an objective's model is read, in words (for refusals)."""
     if objective.edit_heads:
         return "with Edit Flows' heads"
-    return f"{'with' if objective.shift else 'without'} Dream's shift"
+    return "with Dream's shift" if objective.shift else "with its LM head alone (no Dream's shift, no Edit Flows' heads)"
 
 
 def is_one_token(spec: str, cfg: SamplingConfig) -> bool:
@@ -156,6 +156,9 @@ def plan(specs: str, cfg: SamplingConfig, run_cfg: Config) -> tuple[list[str], S
             cfg, edit_kappa=o.kappa if cfg.edit_kappa == "auto" else cfg.edit_kappa,
             edit_max_w=cfg.edit_max_w or o.max_w,
             edit_masks=(o.prior_masks if o.prior == "masks" else 0) if cfg.edit_masks < 0 else cfg.edit_masks)
+        if cfg.edit_masks > cfg.gen_length:
+            raise ConfigError(f"sampling.edit_masks {cfg.edit_masks} exceeds sampling.gen_length {cfg.gen_length}: "
+                              f"the decoder's buffer starts with the prompt and that many masks")
     trained = run_cfg.data.seq_len
     if cfg.prompt_tokens + cfg.gen_length > trained:
         raise ConfigError(f"sampling.prompt_tokens + sampling.gen_length = {cfg.prompt_tokens + cfg.gen_length} "
