@@ -302,6 +302,14 @@ def test_an_editflow_run_is_evaluated_and_decoded_by_its_own_decoder(editflow_ru
     assert len(record["samples"]) == 4
 
 
+def test_an_editflow_run_is_not_exported_without_its_heads(editflow_run, tmp_path, capsys):
+    from trainer import export
+
+    run_dir, _ = editflow_run
+    assert export.main(["--run_dir", str(run_dir), "--output", str(tmp_path / "out")]) == 2
+    assert "Edit Flows run" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_decoders_refuse_a_model_read_otherwise_than_trained(tiny_dataset, tmp_path):
     from evals.decoders import registry
     from trainer import config as config_lib

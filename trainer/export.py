@@ -40,6 +40,9 @@ def _export(args: argparse.Namespace) -> int:
         if not (run / "config.yaml").exists():
             raise RunError(f"{args.run_dir} is not a trainer run directory (no config.yaml)")
         cfg = config_lib.load_run(run)
+        if objectives.get(cfg.objective.name).edit_heads:
+            raise RunError(f"{args.run_dir} is an Edit Flows run: its rate and insertion heads have no place in a "
+                           f"Llama/Qwen3 checkpoint; evaluate and decode it from its run directory")
         out = epath.Path(args.output)
         check_output(out, args.overwrite)
         _, params, step = state.load_params(args.run_dir, args.step, cfg)
