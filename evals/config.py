@@ -34,6 +34,9 @@ class SamplingConfig:
     revise: str = "auto"
     temperature: float = 0.0  # 0 = greedy, else Gumbel-max sampling at this temperature
     suppress_mask: bool = True  # never predict the mask token
+    # one_token and threshold: the position a pass commits at least: confidence (the most confident masked
+    # one) | left_to_right (the leftmost masked one: one_token then decodes each block in order)
+    order: str = "confidence"
     remask_steps: int = 0  # remask, dream, editflow: total steps, over the blocks (0 = gen_length, a token per step)
     # dream: which masked positions a step unmasks: origin (each with probability 1 - s/t) or the most confident
     # by maskgit_plus (the token's probability), topk_margin (top-1 minus top-2) or entropy (negative entropy)
@@ -108,6 +111,7 @@ class EvalConfig:
             (s.top_k >= 1, "sampling.top_k", "must be at least 1"),
             (s.revise in ("yes", "no", "auto"), "sampling.revise", "must be yes, no or auto"),
             (s.temperature >= 0, "sampling.temperature", "must be >= 0"),
+            (s.order in ("confidence", "left_to_right"), "sampling.order", "must be confidence or left_to_right"),
             (s.remask_steps >= 0, "sampling.remask_steps", "must be >= 0"),
             (s.alg in DREAM_ALGS, "sampling.alg", f"must be one of {', '.join(DREAM_ALGS)}"),
             (s.alg_temp >= 0, "sampling.alg_temp", "must be >= 0"),

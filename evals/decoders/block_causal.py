@@ -125,10 +125,12 @@ def soft_inputs(embedding_VD, result: Pass, in_a_BK, cfg: SamplingConfig, mask_i
 
 def threshold_pass(logits_BKV, key, tokens_BK, masked_BK, in_a_BK, active_B, cfg: SamplingConfig,
                    mask_id: int) -> Pass:
-    """Commit every masked position with confidence >= threshold, at least the most confident."""
+    """Commit every masked position with confidence >= threshold, at least one: the most confident
+    (sampling.order=confidence) or the leftmost (left_to_right)."""
     choice = choose(logits_BKV, key, cfg, mask_id)
     x0, conf = choice.x0, choice.conf
-    best = jnp.argmax(jnp.where(masked_BK, conf, -jnp.inf), axis=1)
+    order = conf if cfg.order == "confidence" else -jnp.arange(tokens_BK.shape[1], dtype=conf.dtype)
+    best = jnp.argmax(jnp.where(masked_BK, order, -jnp.inf), axis=1)
     sure = conf >= cfg.threshold
     newly = masked_BK & (sure | (jnp.arange(tokens_BK.shape[1]) == best[:, None])) & active_B[:, None]
     masked = masked_BK & ~newly
