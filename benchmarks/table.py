@@ -270,7 +270,9 @@ def editflow(r: dict) -> list[Row]:
     for key, label in (("story_correctness", "story correctness"), ("sentence_validity", "sentence validity"),
                        ("distinct_2", "distinct-2"), ("length_tv", "length distance (TV) to the real continuations"),
                        ("forwards_per_sequence", "forwards per sample")):
-        rows.append((f"Edit Flows at {r['steps']} steps: {label} ({seeds} seeds)", each("editflow", key),
+        variants = "".join(f"; {words} {each(name, key)}" for name, words in
+                           (("editflow_time", "with t as input"), ("editflow_masks", "from 64 masks")) if name in f)
+        rows.append((f"Edit Flows at {r['steps']} steps: {label} ({seeds} seeds)", each("editflow", key) + variants,
                      f"MDLM {each('mdlm', key)}; BD3LM {each('bd3lm', key)}", ""))
     rows.append((f"Edit Flows at {r['steps']} steps: mean generated length", each("editflow", "mean_length", 1),
                  f"MDLM {each('mdlm', 'mean_length', 1)}; BD3LM {each('bd3lm', 'mean_length', 1)}", ""))

@@ -60,8 +60,13 @@ def test_columns_share_the_prefix_and_fit_the_row():
     used = row["z1"] != ef.PADCOL
     assert row["z0"][:3].tolist() == row["z1"][:3].tolist() == [10, 11, 12]  # never edited
     assert rm_blanks(row["z0"]) == [10, 11, 12, M, M, M, M]
-    assert rm_blanks(row["z1"]) == x1[:int(row["x1_len"])].tolist() and used.sum() <= 16
-    assert row["truncated"] == 1 and (row["z0"][~used] == ef.PADCOL).all()
+    assert rm_blanks(row["z1"]) == x1[:16].tolist() and row["x1_len"] == 16 and used.all()  # 3 + max(4, 13)
+    assert row["truncated"] == 1
+    short = ef.columns(x1[:8], 3, s, M, 16)
+    assert rm_blanks(short["z1"]) == x1[:8].tolist() and (short["z0"][8:] == ef.PADCOL).all()  # 3 + max(4, 5)
+    with_masks = np.array([10, 11, 12, M, M, 13, M, 14] * 3)  # more columns than tokens: cut until they fit
+    odd = ef.columns(with_masks, 3, s, M, 16)
+    assert rm_blanks(odd["z1"]) == with_masks[:int(odd["x1_len"])].tolist() and (odd["z1"] != ef.PADCOL).sum() <= 16
 
 
 # Schedules -----------------------------------------------------------------------------------
@@ -340,6 +345,35 @@ def test_an_editflow_model_starts_from_an_mdlm_run_with_its_lm_head_copied(editf
                                np.asarray(source["embed"]["embedding"]).T, atol=1e-6)
     np.testing.assert_allclose(np.asarray(params["blocks"][0]["mlp"]["up"]["kernel"]),
                                np.asarray(source["blocks"][0]["mlp"]["up"]["kernel"]), atol=1e-6)
+
+
+def test_the_time_input_starts_silent_and_a_run_without_it_starts_a_run_with_it(editflow_run, tmp_path):
+    from flax import nnx
+
+    from trainer import config as config_lib
+    from trainer import state, train
+    from trainer.config import ModelConfig
+    from trainer.model import Transformer
+
+    model = Transformer(ModelConfig(vocab_size=20, hidden=16, layers=1, heads=2, mlp_hidden=32, max_seq_len=16),
+                        nnx.Rngs(0), edit_heads=True, time_input=True)
+    tokens, ones = jnp.arange(8)[None], jnp.ones((1, 8), jnp.int32)
+    at = lambda t: model.edit_outputs(tokens, ones, jnp.arange(8)[None], jnp.array([t]))[2]  # noqa: E731
+    np.testing.assert_array_equal(at(0.1), at(0.9))  # zero-initialised projection: the trunk's outputs
+    model.edit.time.kernel[...] = jnp.ones_like(model.edit.time.kernel[...])
+    assert not np.allclose(at(0.1), at(0.9))
+
+    run_dir, _ = editflow_run
+    timed = tmp_path / "timed"
+    cfg = config_lib.load_run(run_dir)
+    cfg = config_lib.load(None, [f"data.path={cfg.data.path}", *TINY_MODEL, *EDITFLOW, f"run_dir={timed}",
+                                 "objective.time_input=true", f"train.init_from_run={run_dir}", "train.steps=1",
+                                 "optim.lr=1e-9"])
+    assert train.run(cfg) == 0
+    source, params = state.load_params(str(run_dir)).params, state.load_params(str(timed)).params
+    np.testing.assert_allclose(np.asarray(params["edit"]["rates"]["kernel"]),
+                               np.asarray(source["edit"]["rates"]["kernel"]), atol=1e-6)
+    assert "time" in params["edit"] and "time" not in source["edit"]
 
 
 def test_editflow_settings_are_checked(tiny_dataset, tmp_path):

@@ -107,23 +107,36 @@ class Block(nnx.Module):
         return x_BLD + self.mlp(self.mlp_norm(x_BLD)), kv
 
 
+TIME_FREQUENCIES = 8  # sin and cos of 2 pi k t, k = 1..8: the time input's features
+
+
 class EditHeads(nnx.Module):
     """Edit Flows' outputs beside the LM head (which gives the substitution tokens): the rates of
     substituting, deleting and inserting after each row (softplus, in that order), and the tokens to
-    insert (a head of its own, started as a copy of the LM head when the model starts from a run)."""
+    insert (a head of its own, started as a copy of the LM head when the model starts from a run).
+    `time_input`: the time t also enters, as Fourier features projected onto the embeddings (the
+    projection starts at zero, so a model started from a run first computes what that run did)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, time_input: bool = False):
         dtype = jnp.dtype(cfg.compute_dtype)
         self.rates = nnx.Linear(cfg.hidden, 3, dtype=dtype, rngs=rngs)
         self.ins = nnx.Linear(cfg.hidden, cfg.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+        self.time = nnx.Linear(2 * TIME_FREQUENCIES, cfg.hidden, kernel_init=nnx.initializers.zeros, dtype=dtype,
+                               rngs=rngs) if time_input else None
+
+    def time_embedding(self, t_B):
+        """[B, D]: what the time adds to every position's embedding."""
+        angles_BF = 2 * jnp.pi * t_B[:, None] * jnp.arange(1, TIME_FREQUENCIES + 1)
+        return self.time(jnp.concatenate([jnp.sin(angles_BF), jnp.cos(angles_BF)], -1))
 
 
 class Transformer(nnx.Module):
     """Blocks are a list, or with `scan_layers` one Block whose params carry a leading layer axis
     (`blocks.attn.q.kernel[i]` is layer i's `blocks.i.attn.q.kernel`), run under jax.lax.scan.
-    `edit_heads`: Edit Flows' rate and insertion heads too (edit_outputs)."""
+    `edit_heads`: Edit Flows' rate and insertion heads too (edit_outputs); `time_input`: and the time.
+    An objective's entry names these (its `model_options`)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, edit_heads: bool = False):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, edit_heads: bool = False, time_input: bool = False):
         self.cfg = cfg
         dtype = jnp.dtype(cfg.compute_dtype)
         self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden, dtype=dtype, rngs=rngs)
@@ -145,7 +158,7 @@ class Transformer(nnx.Module):
         self.final_norm = nnx.RMSNorm(cfg.hidden, epsilon=cfg.norm_eps, dtype=dtype, rngs=rngs)
         self.head = None if cfg.tie_embeddings else nnx.Linear(
             cfg.hidden, cfg.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
-        self.edit = EditHeads(cfg, rngs) if edit_heads else None
+        self.edit = EditHeads(cfg, rngs, time_input) if edit_heads else None
 
     def __call__(self, tokens_BL, segment_ids_BL, positions_BL, causal: bool = False):
         """Training/scoring path: logits [B, L, V] in float32 over packed rows."""
@@ -168,11 +181,15 @@ class Transformer(nnx.Module):
         """The LM head over final-norm features, float32."""
         return (self.embed.attend(h_BLD) if self.head is None else self.head(h_BLD)).astype(jnp.float32)
 
-    def edit_outputs(self, tokens_BL, segment_ids_BL, positions_BL):
-        """Edit Flows' outputs over padded rows (segment 0 = padding), float32: (substitution logits
-        [B, L, V] (the LM head), insertion logits [B, L, V], rates [B, L, 3] (sub, del, ins) >= 0)."""
+    def edit_outputs(self, tokens_BL, segment_ids_BL, positions_BL, t_B):
+        """Edit Flows' outputs over padded rows (segment 0 = padding) at times t_B (read only with the
+        time input), float32: (substitution logits [B, L, V] (the LM head), insertion logits [B, L, V],
+        rates [B, L, 3] (sub, del, ins) >= 0)."""
+        x_BLD = self.embed(tokens_BL)
+        if self.edit.time is not None:
+            x_BLD = x_BLD + self.edit.time_embedding(t_B)[:, None, :].astype(x_BLD.dtype)
         x_BLD, _ = (self._scanned if self.cfg.scan_layers else self._unrolled)(
-            self.embed(tokens_BL), positions_BL, attention.Segments(segment_ids_BL, False), None)
+            x_BLD, positions_BL, attention.Segments(segment_ids_BL, False), None)
         h_BLD = self.final_norm(x_BLD)
         rates_BL3 = jax.nn.softplus(self.edit.rates(h_BLD).astype(jnp.float32))
         return self.lm_logits(h_BLD), self.edit.ins(h_BLD).astype(jnp.float32), rates_BL3

@@ -29,7 +29,7 @@ def make_optimizer(cfg: OptimConfig, steps: int) -> tuple[optax.GradientTransfor
 
 def build_model(cfg: Config, rngs: nnx.Rngs) -> Transformer:
     """The model a run of `cfg` trains: the transformer, with the heads its objective needs."""
-    return Transformer(cfg.model, rngs, edit_heads=objectives.get(cfg.objective.name).edit_heads)
+    return Transformer(cfg.model, rngs, **objectives.get(cfg.objective.name).model_options(cfg.objective))
 
 
 def model_graphdef(cfg: Config) -> nnx.GraphDef:

@@ -145,27 +145,28 @@ def check_init_source(cfg: Config, manifest: dict[str, Any]) -> None:
 
 
 def params_from_run(cfg: Config, state: dict[str, Any], shardings: Any) -> dict[str, Any]:
-    """train.init_from_run's params, placed like `state`'s. Between a run with Edit Flows' heads and one
-    without, the shared weights carry over: an Edit Flows model started from an AR or MDLM run gets
-    an insertion head copied from the LM head and its rate head as initialised."""
-    source = cfg.train.init_from_run
-    if objectives.get(config_lib.load_run(source).objective.name).edit_heads == \
-            objectives.get(cfg.objective.name).edit_heads:
-        return checkpointing.params_of_run(source, state)
-    theirs = state_lib.load_params(source).params
+    """train.init_from_run's params, placed like `state`'s. Between models of different heads (Edit
+    Flows' or not, with the time input or not) the shared weights carry over: an Edit Flows model
+    started from an AR or MDLM run gets an insertion head copied from the LM head and the rest of
+    its heads as initialised."""
+    source = config_lib.load_run(cfg.train.init_from_run)
+    ours = objectives.get(cfg.objective.name).model_options(cfg.objective)
+    if objectives.get(source.objective.name).model_options(source.objective) == ours:
+        return checkpointing.params_of_run(cfg.train.init_from_run, state)
+    theirs = state_lib.load_params(cfg.train.init_from_run, cfg=source).params
     return with_edit_heads({name: value for name, value in theirs.items() if name in state["params"]},
                            state["params"], cfg, shardings)
 
 
 def with_edit_heads(params: dict[str, Any], initial: dict[str, Any], cfg: Config, shardings: Any) -> dict[str, Any]:
-    """`params` of a model without Edit Flows' heads (another objective's run, a Hugging Face model)
-    completed with them where this run's model has them (`initial`, as initialised): the insertion
-    head a copy of the LM head (the references' recipe), the rate head as initialised."""
+    """`params` completed with the Edit Flows heads this run's model has (`initial`, as initialised)
+    and they lack (another objective's run, a Hugging Face model): the insertion head a copy of the
+    LM head (the references' recipe), the others as initialised."""
     if "edit" not in initial:
         return params
     lm_head = params["embed"]["embedding"].T if cfg.model.tie_embeddings else params["head"]["kernel"]
-    return jax.device_put({**params, "edit": {"rates": initial["edit"]["rates"], "ins": {"kernel": lm_head}}},
-                          shardings)
+    theirs = {name: head for name, head in params.get("edit", {}).items() if name in initial["edit"]}
+    return jax.device_put({**params, "edit": {**initial["edit"], "ins": {"kernel": lm_head}, **theirs}}, shardings)
 
 
 def _check_blocks(source: str, theirs: int | None, cfg: Config) -> None:
@@ -267,7 +268,8 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None, 
     elif cfg.train.init_from_run:
         state["params"] = params_from_run(cfg, state, shardings["params"])
     elif cfg.model.init_from:
-        state["params"] = with_edit_heads(hf.load(cfg.model.init_from, cfg.model, state["params"], shardings["params"]),
+        loaded = hf.load(cfg.model.init_from, cfg.model, state["params"], shardings["params"])
+        state["params"] = with_edit_heads({name: value for name, value in loaded.items() if name != "edit"},
                                           state["params"], cfg, shardings["params"])
     if lead:  # after every check of what the run's own files say: a refused resume leaves them as they were
         write_whole(run_dir / "config.yaml", dump(cfg))

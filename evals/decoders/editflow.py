@@ -49,19 +49,18 @@ def tau_leap_step(sub_logits_BTV, ins_logits_BTV, rates_BT3, s: State, step, key
     """One tau-leaping step from one forward's outputs (module docstring). Pure: the decoder's loop
     body, and what tests drive with oracle rates."""
     total = s.tokens.shape[1]
-    tau = (1 - cfg.time_eps) / steps(cfg)
     index = jnp.arange(total)
     live = index[None, :] < s.n[:, None]
-    rates_BT3 = weight(step * tau, cfg.edit_kappa, cfg.edit_max_w) * rates_BT3
+    rates_BT3 = weight(step * tau(cfg), cfg.edit_kappa, cfg.edit_max_w) * rates_BT3
     editable = live & (index >= prompt_len)  # the prompt is never substituted nor deleted
     r_sub = jnp.where(editable, rates_BT3[..., SUB], 0.0)
     r_del = jnp.where(editable, rates_BT3[..., DEL], 0.0)
     r_ins = jnp.where(live & (index >= prompt_len - 1), rates_BT3[..., INS], 0.0)  # after the prompt's last token on
     fire_key, which_key, sub_key, ins_key, tok_key = jax.random.split(jax.random.fold_in(key, step), 5)
-    fire = jax.random.uniform(fire_key, r_sub.shape) < jnp.clip(tau * (r_sub + r_del), 0, 1 - 1e-6)
+    fire = jax.random.uniform(fire_key, r_sub.shape) < jnp.clip(tau(cfg) * (r_sub + r_del), 0, 1 - 1e-6)
     delete = fire & (jax.random.uniform(which_key, r_sub.shape) * (r_sub + r_del) < r_del)
     substitute = fire & ~delete
-    insert = jax.random.uniform(ins_key, r_ins.shape) < jnp.clip(tau * r_ins, 0, 1 - 1e-6)
+    insert = jax.random.uniform(ins_key, r_ins.shape) < jnp.clip(tau(cfg) * r_ins, 0, 1 - 1e-6)
     sub_token = choose(sub_logits_BTV, sub_key, cfg, mask_id).x0
     ins_token = choose(ins_logits_BTV, tok_key, cfg, mask_id).x0
 
@@ -89,6 +88,11 @@ def steps(cfg: SamplingConfig) -> int:
     return cfg.remask_steps or cfg.gen_length
 
 
+def tau(cfg: SamplingConfig) -> float:
+    """The step: the steps span [0, 1 - time_eps)."""
+    return (1 - cfg.time_eps) / steps(cfg)
+
+
 def build(graphdef, prompt_shape: tuple[int, int], cfg: SamplingConfig, mask_id: int, eos_id: int):
     batch, prompt_len = prompt_shape
     total = prompt_len + cfg.gen_length
@@ -100,7 +104,7 @@ def build(graphdef, prompt_shape: tuple[int, int], cfg: SamplingConfig, mask_id:
 
         def body(step, s: State) -> State:
             segments = (positions < s.n[:, None]).astype(jnp.int32)
-            outputs = model.edit_outputs(s.tokens, segments, positions)
+            outputs = model.edit_outputs(s.tokens, segments, positions, jnp.full(batch, step * tau(cfg)))
             return tau_leap_step(*outputs, s, step, key, prompt_len, cfg, mask_id, eos_id)
 
         end = jax.lax.fori_loop(0, steps(cfg), body, start_state(prompt_BP, total, cfg.edit_masks, mask_id, eos_id))

@@ -46,6 +46,7 @@ class EditFlowSettings(registry.Settings):
     # decoding prompt up to this length is a state the model trained from. Trajectories share their prompt.
     prompt_max: int = 16
     normalize: str = "position"  # position: a row's loss / len(x1) (the references') | none
+    time_input: bool = False  # the model also reads t (the references' models do not; benchmarks/editflow.py measures it)
 
     def rules(self, cfg):
         return [(self.kappa in KAPPAS, "objective.kappa", f"must be one of {', '.join(KAPPAS)}"),
@@ -111,9 +112,12 @@ def columns(x1: np.ndarray, prompt_len: int, s: EditFlowSettings, mask_id: int, 
     tokens + the prior, aligned after the shared prefix; PADCOL past the end."""
     masks = s.prior_masks if s.prior == "masks" else 0
     prompt_len = min(prompt_len, width - masks - 1)
-    x1 = np.asarray(x1, np.int32)
-    cut = x1[:max(width - masks, prompt_len + 1)]  # an alignment has at most max(K, len(rest)) columns
-    z0_rest, z1_rest = align(np.full(masks, mask_id, np.int32), cut[prompt_len:])
+    cut = np.asarray(x1, np.int32)[:width]
+    while True:  # K masks against m tokens align in max(K, m) columns (more only if x1 holds masks)
+        z0_rest, z1_rest = align(np.full(masks, mask_id, np.int32), cut[prompt_len:])
+        if prompt_len + len(z0_rest) <= width:
+            break
+        cut = cut[:len(cut) - (prompt_len + len(z0_rest) - width)]  # each token cut shortens it by at most 1
     z0 = np.full(width, PADCOL, np.int32)
     z1 = np.full(width, PADCOL, np.int32)
     used = prompt_len + len(z0_rest)
@@ -191,7 +195,7 @@ def row_losses(model, batch, key, mask_id: int, s: EditFlowSettings, t_B=None):
     xt_BZ, n_B, zt_BZ = sample_xt(column_key, z0_BZ, z1_BZ, kappa_B, mask_id)
     positions = jnp.broadcast_to(jnp.arange(width), (batch_size, width))
     segments = (positions < n_B[:, None]).astype(jnp.int32)
-    sub_BLV, ins_BLV, rates_BL3 = model.edit_outputs(xt_BZ, segments, positions)
+    sub_BLV, ins_BLV, rates_BL3 = model.edit_outputs(xt_BZ, segments, positions, t_B)
     kind, row, tok = remaining_edits(zt_BZ, z1_BZ)
     x1_len = batch["x1_len"].astype(jnp.float32)
     denom = x1_len if s.normalize == "position" else jnp.ones_like(x1_len)
@@ -220,5 +224,6 @@ def flops_per_token(model_cfg, seq_len: int) -> float:
 EDITFLOW = registry.register(registry.Objective(
     name="editflow", settings=EditFlowSettings, attention=registry.BIDIRECTIONAL, batch=registry.EDIT,
     train_loss=train_loss, eval_loss=eval_loss, flops_per_token=flops_per_token, edit_heads=True, bound=False,
+    model_options=lambda s: {"edit_heads": True, "time_input": s.time_input},
     report=lambda sums: {"truncated_examples": sums["truncated"]},
     log=lambda loss, reported, s: {"truncated_examples": float(reported["truncated_examples"])}))

@@ -60,6 +60,8 @@ class Objective:
     # The model carries Edit Flows' rate and insertion heads (model.EditHeads): only decoders with
     # `edit_heads` fit it, and they fit nothing else.
     edit_heads: bool = False
+    # settings -> the keyword arguments of the model its runs train (model.Transformer: Edit Flows' heads)
+    model_options: Callable[[Settings], dict] = lambda settings: {}
     block_size: Callable[[Settings], int | None] = lambda settings: None  # decoding blocks it was trained with
     # Per-step figures from the summed diagnostics of train_loss (jax arrays in, jax arrays out).
     report: Callable[[dict], dict] = lambda sums: {}
