@@ -260,24 +260,28 @@ def adaptation(r: dict) -> list[Row]:
 
 
 def editflow(r: dict) -> list[Row]:
-    """Edit Flows' final figures per seed beside MDLM's and BD3LM's at the same steps and size."""
+    """Edit Flows' final figures per seed (and its variants') beside MDLM's and BD3LM's at the same
+    steps and size."""
     f, seeds = r["final"], r["seeds"]
 
     def each(name, key, digits=2):
         return ", ".join(f"{v:.{digits}f}" for v in f[name][key])
 
+    def ours(key, digits=2):
+        return each("editflow", key, digits) + "".join(
+            f"; {words} {each(name, key, digits)}" for name, words in
+            (("editflow_time", "with t as input"), ("editflow_masks", "from 64 masks")) if name in f)
+
     rows = []
-    for key, label in (("story_correctness", "story correctness"), ("sentence_validity", "sentence validity"),
-                       ("distinct_2", "distinct-2"), ("length_tv", "length distance (TV) to the real continuations"),
-                       ("forwards_per_sequence", "forwards per sample")):
-        variants = "".join(f"; {words} {each(name, key)}" for name, words in
-                           (("editflow_time", "with t as input"), ("editflow_masks", "from 64 masks")) if name in f)
-        rows.append((f"Edit Flows at {r['steps']} steps: {label} ({seeds} seeds)", each("editflow", key) + variants,
-                     f"MDLM {each('mdlm', key)}; BD3LM {each('bd3lm', key)}", ""))
-    rows.append((f"Edit Flows at {r['steps']} steps: mean generated length", each("editflow", "mean_length", 1),
-                 f"MDLM {each('mdlm', 'mean_length', 1)}; BD3LM {each('bd3lm', 'mean_length', 1)}", ""))
-    rows.append((f"Edit Flows at {r['steps']} steps: validation exp(loss per token), not a bound",
-                 each("editflow", "ppl"), f"bounds: MDLM {each('mdlm', 'ppl')}; BD3LM {each('bd3lm', 'ppl')}", ""))
+    for key, label, digits in (("story_correctness", "story correctness", 2),
+                               ("sentence_validity", "sentence validity", 2), ("distinct_2", "distinct-2", 2),
+                               ("length_tv", "length distance (TV) to the real continuations", 2),
+                               ("mean_length", "mean generated length", 1),
+                               ("forwards_per_sequence", "forwards per sample", 0)):
+        rows.append((f"Edit Flows at {r['steps']} steps: {label} ({seeds} seeds)", ours(key, digits),
+                     f"MDLM {each('mdlm', key, digits)}; BD3LM {each('bd3lm', key, digits)}", ""))
+    rows.append((f"Edit Flows at {r['steps']} steps: validation exp(loss per token), not a bound", ours("ppl"),
+                 f"bounds: MDLM {each('mdlm', 'ppl')}; BD3LM {each('bd3lm', 'ppl')}", ""))
     return rows
 
 
