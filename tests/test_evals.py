@@ -537,8 +537,9 @@ def test_a_second_evaluation_with_other_harness_tasks_is_recorded_beside_the_fir
     assert book.steps(first) == book.steps(second) == {10}
 
 
-def test_the_one_token_decoder_commits_the_most_confident_masked_position_each_pass():
-    cfg = decoders.get("one_token").settings(SamplingConfig(block_length=8))
+@pytest.mark.parametrize("order", ["confidence", "left_to_right"])
+def test_the_one_token_decoder_commits_the_most_confident_or_the_leftmost_masked_position_each_pass(order):
+    cfg = decoders.get("one_token").settings(SamplingConfig(block_length=8, order=order))
     margin = np.random.default_rng(4).permutation(8) + 1.0  # position k's logit lead: its confidence order
     logits = np.zeros((1, 8, 40), np.float32)
     logits[0, np.arange(8), np.arange(8) + 5] = margin  # position k's best token is k + 5
@@ -550,7 +551,8 @@ def test_the_one_token_decoder_commits_the_most_confident_masked_position_each_p
         assert int(out.newly.sum()) == 1  # one position per forward, however confident
         order.append(int(np.flatnonzero(np.asarray(out.newly[0]))[0]))
         tokens, masked = out.tokens, out.masked
-    assert order == np.argsort(-margin).tolist()  # most confident first, not leftmost or least confident
+    # most confident first (not leftmost nor least confident), or left to right
+    assert order == (np.argsort(-margin).tolist() if cfg.order == "confidence" else list(range(8)))
     assert np.asarray(tokens)[0].tolist() == (np.arange(8) + 5).tolist()
 
 
