@@ -10,6 +10,9 @@ STARTED=$SECONDS
 PY=${PYTHON:-.venv/bin/python}
 RUN=${RUN:-runs/quickstart}
 STORIES=${STORIES:-5000}
+# One XLA compilation cache for every process of the run: the base and OPUT models share their
+# decoders' programs, and a re-run compiles nothing it compiled before.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$RUN/.jax_cache}
 
 echo "== 1/3 sample corpus: $STORIES stories"
 "$PY" -m pipelines.corpus --output "$RUN/corpus/stories.txt" --num_stories "$STORIES" --seed 0

@@ -1,4 +1,4 @@
-"""python -m evals --run_dir RUN [--once | --watch] [--force] [--config FILE] [key=value ...]"""
+"""python -m evals --run_dir RUN [--once | --watch] [--latest] [--force] [--config FILE] [key=value ...]"""
 
 import argparse
 import sys
@@ -13,6 +13,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--force", action="store_true",
                         help="Evaluate again, under these settings, steps recorded under other settings (a second "
                              "ledger record per step) instead of refusing")
+    parser.add_argument("--latest", action="store_true",
+                        help="Only the latest committed step (with --once: a scheduler or a script that wants the newest "
+                             "figures, not every checkpoint's)")
     parser.add_argument("--config", help="Optional YAML of eval settings")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. sampling.threshold=0.7")
     args = parser.parse_args(argv)
@@ -28,7 +31,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     evaluator = None
     try:
-        evaluator = run.Evaluator(args.run_dir, config.load(args.config, args.overrides), force=args.force)
+        evaluator = run.Evaluator(args.run_dir, config.load(args.config, args.overrides), force=args.force,
+                                  latest=args.latest)
         if args.watch:
             evaluator.watch()
         elif not evaluator.once():

@@ -31,10 +31,10 @@ def _headlines(harness: dict[str, Any]) -> dict[str, tuple[str, float]]:
 
 
 class Evaluator:
-    def __init__(self, run_dir: str, cfg: EvalConfig, force: bool = False):
+    def __init__(self, run_dir: str, cfg: EvalConfig, force: bool = False, latest: bool = False):
         """`force`: evaluate again, under these settings, steps recorded under other settings (a
         second record per step) instead of refusing."""
-        self.run_dir, self.cfg, self.force = run_dir, cfg, force
+        self.run_dir, self.cfg, self.force, self.latest = run_dir, cfg, force, latest
         run = runs.open_run(run_dir, cfg.data_path)
         self.run_cfg, self.manifest, self.tokenizer, self.ids = run.cfg, run.manifest, run.tokenizer, run.ids
         self.samplers, cfg.sampling = decoders.plan(cfg.samplers, cfg.sampling, self.run_cfg)
@@ -97,9 +97,11 @@ class Evaluator:
             "arithmetic_data": self.cfg.harness.arithmetic_data})
 
     def pending(self) -> list[int]:
-        """Committed steps with no record under these settings. A step recorded under other settings
-        only is refused in one line, unless `force`: never evaluated or skipped in silence."""
+        """Committed steps (`latest`: the latest one only) with no record under these settings. A step
+        recorded under other settings only is refused in one line, unless `force`: never evaluated or
+        skipped in silence."""
         steps = [self.exported] if self.exported is not None else checkpointing.committed_steps(self.mngr)
+        steps = steps[-1:] if self.latest else steps
         done, recorded = self.ledger.steps(self.settings), self.ledger.records()
         todo = [s for s in steps if s not in done]
         self.check_config(todo)

@@ -55,18 +55,18 @@ if [ ! -f "$RUN/trajectories_data/manifest.json" ]; then
 fi
 echo "== recipe 5/6 OPUT from the block-diffusion model: $OPUT_CONFIG, $OPUT_STEPS steps"
 train "$RUN/oput" "$OPUT_CONFIG" "$OPUT_STEPS" data.path="$RUN/trajectories_data" train.init_from_run="$RUN/base"
-echo "== recipe 6/6 evaluate both (perplexity bound; one-token, threshold and SPD decoding) and the AR twin"
+echo "== recipe 6/6 evaluate both at their last step (perplexity bound; one-token, threshold and SPD decoding) and the AR twin"
 [ "${EVALS:-1}" = 0 ] && exit 0
 # The OPUT run's quality reference is the base model's one-token decoding (same prompts and judge).
 for run in base oput; do
   reference=()
   [ "$run" = oput ] && reference=(reference_run_dir="$RUN/base")
-  "$PY" -m evals --run_dir "$RUN/$run" --once gen_ppl_run_dir="$JUDGE" data_path="$DATA" wandb_mode=offline \
+  "$PY" -m evals --run_dir "$RUN/$run" --once --latest gen_ppl_run_dir="$JUDGE" data_path="$DATA" wandb_mode=offline \
     ${reference[@]+"${reference[@]}"} ${HARNESS_EXTRA[@]+"${HARNESS_EXTRA[@]}"} ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"}
 done
 summarised=("$RUN/base" "$RUN/oput")
 if [ "$OWN_JUDGE" = 1 ]; then  # the AR twin's own greedy stories, at the same budget, beside the base's
-  "$PY" -m evals --run_dir "$JUDGE" --once samplers=causal data_path="$DATA" wandb_mode=offline \
+  "$PY" -m evals --run_dir "$JUDGE" --once --latest samplers=causal data_path="$DATA" wandb_mode=offline \
     ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"}
   summarised+=("$JUDGE")
 fi

@@ -352,6 +352,17 @@ def test_once_fills_the_ledger_idempotently_and_writes_the_report(trained_run, c
     assert "http://" not in page and "https://" not in page  # self-contained
 
 
+def test_latest_evaluates_only_the_newest_committed_step(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("evals"))
+    assert cli.main(["--run_dir", str(run), "--once", "--latest", *EVAL_SMALL]) == 0
+    assert [json.loads(line)["step"] for line in (run / "evals" / "ledger.jsonl").read_text().splitlines()] == [20]
+    assert cli.main(["--run_dir", str(run), "--once", *EVAL_SMALL]) == 0  # the rest, when asked
+    assert [json.loads(line)["step"] for line in (run / "evals" / "ledger.jsonl").read_text().splitlines()] == [10, 20]
+
+
 def test_run_directory_errors(tmp_path, capsys, tiny_dataset):
     assert cli.main(["--run_dir", str(tmp_path / "nope"), *EVAL_SMALL]) == 2
     assert "does not exist" in capsys.readouterr().err
