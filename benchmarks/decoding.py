@@ -19,9 +19,9 @@ decoding's (evals/quality.py). Goals (each OPUT model against its own base, medi
 seeds): OPUT's threshold and SPD decoding at the base's quality at >= 3 tokens per forward and
 >= 2x what the base's own threshold decoder commits at its quality (DMax: 2.7x). Also: the
 cached decoders' time per forward against a bare forward of the same model and cache shape (goal
-<= 1.25x), and an ablation of OPUT fine-tunes from seed 0's base with one setting changed each
-(--ablation, on by default): the validation bound, one-token quality and speeds at the base's
-quality. The frontier (tokens per forward vs story correctness, one curve per model and decoder)
+<= 1.25x), and an ablation of OPUT fine-tunes from seed 0's base with one setting changed each, of
+the fine-tune or of the trajectories it learns from (--ablation, on by default): the validation
+bound, one-token quality and speeds at the base's quality. The frontier (tokens per forward vs story correctness, one curve per model and decoder)
 is written as SVG.
 """
 
@@ -75,14 +75,15 @@ def make_runs(tmp: str, args) -> dict[str, str]:
     return runs
 
 
-# OPUT fine-tunes of seed 0's base on its trajectories, one setting changed each: what OPUT's quality
-# and speed depend on.
+# OPUT fine-tunes of seed 0's base, one setting changed each: of the fine-tune, or (`trajectories.`
+# keys) of the trajectories it learns from, made again from the same base: what OPUT's quality, its
+# diversity and its speed depend on.
+TRAJECTORIES = "trajectories."
 ABLATION = {
     "recipe": [],
+    "sampled trajectories": [f"{TRAJECTORIES}sampling.temperature=1.0"],  # the recipe's are greedy
     "lr 1e-4": ["optim.lr=1e-4"],
-    "lr 2e-5": ["optim.lr=2e-5"],
     "no rollout": ["objective.on_policy_ratio=0"],
-    "rollout only": ["objective.on_policy_ratio=1"],
     "noise 0.3..0.9": ["objective.noise_range_low=0.3", "objective.noise_range_high=0.9"],
 }
 
@@ -96,8 +97,18 @@ def ablation_runs(tmp: str, args) -> dict[str, str]:
             runs[name] = f"{recipe}/oput"
             continue
         runs[name] = f"{tmp}/ablation/{name.replace(' ', '_')}"
+        rows = [o[len(TRAJECTORIES):] for o in overrides if o.startswith(TRAJECTORIES)]
+        overrides = [o for o in overrides if not o.startswith(TRAJECTORIES)]
+        trajectories = f"{recipe}/trajectories_data"
+        if rows:  # the recipe's trajectories stage again, with these settings
+            trajectories = f"{runs[name]}_trajectories_data"
+            run("-m", "evals.trajectories", "--run_dir", f"{recipe}/base", "--output", f"{runs[name]}_trajectories",
+                f"num_prompts={args.prompts}", *rows)
+            run("-m", "pipelines.preprocess", "--dataset", "dmax_trajectories", "--input",
+                f"{runs[name]}_trajectories/part-*", "--output", trajectories, "--tokenizer", f"{tmp}/data/tokenizer.json",
+                "--prompt_suffix", "", "--num_shards", "2", "--validation_fraction", "0.05")
         run("-m", "trainer", "--config", "configs/tinystories_tiny_oput.yaml", f"run_dir={runs[name]}",
-            f"data.path={recipe}/trajectories_data", f"train.init_from_run={recipe}/base",
+            f"data.path={trajectories}", f"train.init_from_run={recipe}/base",
             f"train.steps={args.oput_steps}", f"train.checkpoint_every={args.oput_steps}", "wandb.mode=disabled",
             *overrides)
     return runs
@@ -221,7 +232,8 @@ def frontier_svg(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", choices=("generated", "shared"), default="generated")
-    parser.add_argument("--steps", type=int, default=300, help="Steps of the base, the judge and MDLM.")
+    parser.add_argument("--steps", type=int, default=600,
+                        help="Steps of the base, the judge and MDLM (the recipe's: the base then writes mostly correct stories).")
     parser.add_argument("--oput_steps", type=int, default=150, help="Steps of each OPUT fine-tune.")
     parser.add_argument("--prompts", type=int, default=1024, help="Trajectories the base model generates.")
     parser.add_argument("--seeds", type=int, default=3,
