@@ -109,7 +109,8 @@ def program(spec: str, graphdef, params, prompt_shape: tuple[int, int], cfg: Sam
     if threshold is not None:
         cfg = dataclasses.replace(cfg, threshold=threshold)
     cfg = decoder.settings(cfg)
-    structure = dataclasses.astuple(nnx.merge(graphdef, params).cfg)
+    # The model's config and its parameter tree: heads beyond the config (Edit Flows' time input) count.
+    structure = (dataclasses.astuple(nnx.merge(graphdef, params).cfg), jax.tree.structure(params))
     return compiled.once(("decoder", name, structure, prompt_shape, dataclasses.astuple(cfg), mask_id, eos_id),
                          lambda: decoder.build(graphdef, prompt_shape, cfg, mask_id, eos_id)), cfg
 
