@@ -21,17 +21,19 @@ SMALL_EVAL = ("perplexity.max_tokens=3000 perplexity.time_samples=2 sampling.num
               "sampling.gen_length=32 sampling.block_length=16 sampling.steps=16")
 
 
-def check_outputs(read_text, list_dir, data_dir: str, run_dir: str, steps: list[int]) -> None:
-    """The contents a user relies on, through `read_text(path)` / `list_dir(path)` (local or gs://)."""
+def check_outputs(read_text, list_dir, data_dir: str, run_dir: str, steps: list[int],
+                  evaluated: list[int] | None = None) -> None:
+    """The contents a user relies on, through `read_text(path)` / `list_dir(path)` (local or gs://):
+    checkpoints at `steps`, ledger lines at `evaluated` (default: every one of them)."""
     manifest = json.loads(read_text(f"{data_dir}/manifest.json"))
     shard_files = {s["file"] for split in ("train", "validation") for s in manifest["splits"][split]["shards"]}
     assert shard_files <= set(list_dir(data_dir))
     assert sum(s["num_records"] for s in manifest["splits"]["train"]["shards"]) > 0
     ledger = [json.loads(line) for line in read_text(f"{run_dir}/evals/ledger.jsonl").splitlines()]
-    assert sorted(r["step"] for r in ledger) == steps  # one line per committed step
+    assert sorted(r["step"] for r in ledger) == (evaluated or steps)  # one line per evaluated step
     assert sorted(int(name) for name in list_dir(f"{run_dir}/checkpoints") if name.isdigit()) == steps
     bounds = [r["perplexity"]["ppl_bound"] for r in sorted(ledger, key=lambda r: r["step"])]
-    assert all(np.isfinite(bounds)) and bounds[-1] < bounds[0]
+    assert all(np.isfinite(bounds)) and (len(bounds) == 1 or bounds[-1] < bounds[0])
     samples = ledger[-1]["samples"]
     assert samples and all(isinstance(s, str) and len(s.split()) >= 3 for s in samples)
     page = read_text(f"{run_dir}/evals/report.html")
@@ -54,7 +56,8 @@ def test_readme_first_command_end_to_end(tmp_path):
     for stage in range(1, 7):
         assert f"== recipe {stage}/6" in result.stdout
     assert f"open {run}/oput/evals/report.html" in result.stdout
-    check_outputs(lambda p: pathlib.Path(p).read_text(), os.listdir, f"{run}/data", f"{run}/base", [20, 40])
+    # The recipe evaluates each run's last checkpoint (evals --latest).
+    check_outputs(lambda p: pathlib.Path(p).read_text(), os.listdir, f"{run}/data", f"{run}/base", [20, 40], [40])
     assert list((run / "base" / "wandb").glob("offline-run-*"))  # offline wandb logging happened
     base = json.loads((run / "base" / "evals" / "ledger.jsonl").read_text().splitlines()[-1])
     assert base["objective"] == "bd3lm" and base["quality_reference"]["sampler"] == "one_token"
@@ -63,7 +66,7 @@ def test_readme_first_command_end_to_end(tmp_path):
     sidecar = json.loads((run / "trajectories" / "trajectories.json").read_text())
     assert sidecar["model"]["step"] == 40 and sidecar["rows"] == 24
     oput = [json.loads(line) for line in (run / "oput" / "evals" / "ledger.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in oput] == [5, 10] and oput[-1]["objective"] == "oput"
+    assert [r["step"] for r in oput] == [10] and oput[-1]["objective"] == "oput"
     assert oput[-1]["settings"]["sampling"]["revise"] == "yes"  # OPUT models revise their drafts
     assert oput[-1]["samples"][0].split()[:3] == base["samples"][0].split()[:3]  # the same prompts
     assert (run / "oput" / "evals" / "report.html").exists()
@@ -75,7 +78,7 @@ def test_readme_first_command_end_to_end(tmp_path):
     assert f"{run}/oput step 10 (oput)" in result.stdout and "reference quality" in result.stdout
     assert "real continuations" in result.stdout and f"{run}/judge step 20 (ar)" in result.stdout
     assert all(0 <= m["story_correctness"] <= 1 for m in base["samplers"].values())
-    cloze = base["harness"]["scores"]["tinystories_cloze"]  # one harness task on every checkpoint, in the report
+    cloze = base["harness"]["scores"]["tinystories_cloze"]  # one harness task on the checkpoint, in the report
     assert 0 <= cloze["acc,none"] <= 1 and "tinystories_cloze" in (run / "base" / "evals" / "report.html").read_text()
 
 

@@ -61,4 +61,4 @@ def test_a_toy_objective_and_decoder_train_and_evaluate_through_the_registries(t
 def test_an_unknown_objective_lists_the_registered_ones():
     with pytest.raises(ConfigError, match=r"objective.name 'mlm' is not a registered objective") as error:
         config_lib.load(None, ["objective.name=mlm"])
-    assert set(str(error.value).split("registered: ")[1].rstrip(")").split(", ")) == {"mdlm", "bd3lm", "ar", "oput", "dream"}
+    assert set(str(error.value).split("registered: ")[1].rstrip(")").split(", ")) == {"mdlm", "bd3lm", "ar", "oput", "dream", "editflow"}
