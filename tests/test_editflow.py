@@ -376,6 +376,24 @@ def test_the_time_input_starts_silent_and_a_run_without_it_starts_a_run_with_it(
     assert "time" in params["edit"] and "time" not in source["edit"]
 
 
+def test_trajectories_share_their_prompt_and_are_never_packed(trajectory_dataset, tmp_path):
+    from trainer import config as config_lib
+    from trainer import data
+
+    cfg = config_lib.load(None, [f"data.path={trajectory_dataset}", f"run_dir={tmp_path}", *TINY_MODEL,
+                                 "objective.name=editflow"])
+    manifest = data.load_manifest(str(trajectory_dataset))
+    batch = next(iter(data.edit_dataset(cfg, manifest, "train", 4, shuffle=False, repeat=False)))
+    documents = data.documents(str(trajectory_dataset), manifest, "train")
+    records = [documents[i] for i in range(4)]
+    for b, record in enumerate(records):
+        p = int(record["prompt_len"])
+        assert batch["prompt_len"][b] == p  # the question is the shared prefix, whatever prompt_max says
+        assert (batch["z0"][b, :p] == record["tokens"][:p]).all() and (batch["z1"][b, :p] == batch["z0"][b, :p]).all()
+        assert rm_blanks(batch["z1"][b]) == record["tokens"][:int(batch["x1_len"][b])].tolist()
+        assert (batch["z0"][b, p:] == ef.BLANK).sum() == int(batch["x1_len"][b]) - p  # the answer: insertions only
+
+
 def test_editflow_settings_are_checked(tiny_dataset, tmp_path):
     from trainer import config as config_lib
     from trainer.errors import ConfigError
