@@ -135,7 +135,8 @@ class Evaluator:
         except RunError as e:
             raise UnreadableStep(str(e)) from None
         try:
-            params = checkpointing.restore_params(self.mngr, step, state.abstract_state(self.run_cfg))
+            params = checkpointing.restore_params(self.mngr, step, state.abstract_state(self.run_cfg),
+                                                  state.weights_key(self.run_cfg))
             return state.model_graphdef(self.run_cfg), params
         except Exception as e:
             if step in checkpointing.committed_steps(self.mngr):

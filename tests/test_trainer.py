@@ -588,3 +588,32 @@ def test_a_runs_identity_is_fixed_at_its_first_step_and_its_checkpoints_carry_it
     state_json["batch_idx"] += 3  # another valid position in the data
     position.write_text(json.dumps(state_json))
     assert "data-iterator state is not the one saved with it" in cli_error(capsys, *first, "train.steps=8")
+
+
+def test_the_moving_average_is_what_a_runs_readers_get_and_never_changes_training(tiny_overrides, tmp_path):
+    steps, decay = 4, 0.5
+    raw, averaged = tmp_path / "raw", tmp_path / "averaged"
+    for run_dir, extra in ((raw, []), (averaged, [f"optim.ema={decay}"])):
+        cfg = config_lib.load(None, [*tiny_overrides, f"run_dir={run_dir}", f"train.steps={steps}",
+                                     "train.checkpoint_every=1", f"train.keep_last={steps}", *extra])
+        assert train.run(cfg) == 0
+    assert [m["loss"] for m in metrics(averaged)] == [m["loss"] for m in metrics(raw)]  # training is unchanged
+    # The average by its recursion over the raw run's params after each step, from the initial ones;
+    # the decay ramps up as (1 + step) / (10 + step) until it reaches `decay`.
+    ema = state.init_state(cfg, state.make_optimizer(cfg.optim, steps)[0])["params"]
+    for step in range(steps):
+        rate = min(decay, (1 + step) / (10 + step))
+        ema = jax.tree.map(lambda a, p: rate * a + (1 - rate) * p, ema, state.load_params(str(raw), step + 1).params)
+    read = state.load_params(str(averaged), steps).params
+    gap = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), read, ema)
+    assert max(jax.tree.leaves(gap)) < 1e-6
+    last = state.load_params(str(raw), steps).params
+    assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), read, last))) > 1e-4
+    # A run started from it starts from its average, whether or not it keeps one itself.
+    for extra in ([], [f"optim.ema={decay}"]):
+        tuned = config_lib.load(None, [*tiny_overrides, f"run_dir={tmp_path / 'tuned'}",
+                                       f"train.init_from_run={averaged}", f"model.vocab_size={cfg.model.vocab_size}",
+                                       *extra])
+        initial = state.init_state(tuned, state.make_optimizer(tuned.optim, 1)[0])
+        started = train.params_from_run(tuned, initial, None)
+        assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), started, read))) == 0.0

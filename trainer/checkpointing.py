@@ -294,21 +294,24 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
-def params_of_run(run_dir: str, state: dict[str, Any]) -> dict[str, Any]:
-    """The params of another run's latest committed checkpoint, placed like `state`'s params.
+def params_of_run(run_dir: str, state: dict[str, Any], key: str = "params") -> dict[str, Any]:
+    """The params (`key`: or their moving average, "ema") of another run's latest committed
+    checkpoint, placed like `state`'s params.
 
     The other run's optimizer must have the same structure (same optim config keys)."""
     source = reader(run_dir)
     step = source.latest_step()
     if step is None:
         raise RunError(f"train.init_from_run {run_dir} has no committed checkpoint")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {k: v for k, v in state.items() if k != "ema"})
+    if key == "ema":  # the other run keeps a moving average, shaped and placed like the params
+        abstract["ema"] = abstract["params"]
     try:
         restored = source.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     except (ValueError, KeyError) as e:
         raise MismatchError(f"train.init_from_run {run_dir} step {step} does not fit this model: "
                             f"{str(e).splitlines()[0]}") from None
-    return restored["state"]["params"]
+    return restored["state"][key]
 
 
 def reader(run_dir: str) -> ocp.CheckpointManager:
@@ -324,9 +327,11 @@ def committed_steps(mngr: ocp.CheckpointManager) -> list[int]:
     return sorted(mngr.all_steps())
 
 
-def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_state: dict[str, Any]) -> dict[str, Any]:
-    """The params of `step`, placed on this process's first device whatever mesh trained them."""
+def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_state: dict[str, Any],
+                   key: str = "params") -> dict[str, Any]:
+    """The params of `step` (`key`: or their moving average, "ema"), placed on this process's first
+    device whatever mesh trained them."""
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state)
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    return restored["state"]["params"]
+    return restored["state"][key]

@@ -64,6 +64,7 @@ class OptimConfig:
     b2: float = 0.95  # AdamW beta2
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # global-norm clipping (0 disables)
+    ema: float = 0.0  # decay of a moving average of the params that evals, export and init_from_run read (0 = off)
 
 
 @dataclasses.dataclass
@@ -142,6 +143,7 @@ class Config:
             (t.log_every >= 1, "train.log_every", "must be at least 1"),
             (t.nan_policy in ("stop", "skip"), "train.nan_policy", "must be stop or skip"),
             (self.optim.lr > 0, "optim.lr", "must be positive"),
+            (0 <= self.optim.ema < 1, "optim.ema", "must be in [0, 1) (0 = no moving average)"),
             (self.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", "must be offline, online or disabled"),
         ])
         kernel = attention.resolve(m.attention, m.compute_dtype)  # a kernel this platform lacks: refused here

@@ -27,6 +27,18 @@ def make_optimizer(cfg: OptimConfig, steps: int) -> tuple[optax.GradientTransfor
     return optax.chain(clip, optax.adamw(schedule, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay)), schedule
 
 
+def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
+    """The moving average after `step` updates. Its decay ramps up as (1 + step) / (10 + step) to
+    `decay` (TensorFlow's num_updates rule), so the average forgets the initialisation early on."""
+    rate = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda a, p: rate * a + (1.0 - rate) * p, ema, params)
+
+
+def weights_key(cfg: Config) -> str:
+    """The state entry a run's readers use: the moving average when the run keeps one."""
+    return "ema" if cfg.optim.ema > 0 else "params"
+
+
 def build_model(cfg: Config, rngs: nnx.Rngs) -> Transformer:
     """The model a run of `cfg` trains: the transformer, with the heads its objective needs."""
     return Transformer(cfg.model, rngs, **objectives.get(cfg.objective.name).model_options(cfg.objective))
@@ -45,6 +57,7 @@ def init_state(cfg: Config, tx: optax.GradientTransformation) -> dict[str, Any]:
         "opt_state": tx.init(params),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(jax.random.key(cfg.seed)),
+        **({"ema": jax.tree.map(jnp.copy, params)} if cfg.optim.ema > 0 else {}),
     }
 
 
@@ -88,7 +101,7 @@ def load_params(run_dir: str, step: int | None = None, cfg: Config | None = None
                                                                f"checkpoints; restore the config it was trained with")
     checkpointing.check_owner(mngr, run_dir, step)
     try:
-        params = checkpointing.restore_params(mngr, step, abstract)
+        params = checkpointing.restore_params(mngr, step, abstract, weights_key(cfg))
     except Exception as e:  # orbax/tensorstore raise many kinds for a damaged file
         raise RunError(f"checkpoint step {step} of {run_dir} cannot be read ({checkpointing.first_line(e)}): choose "
                        f"another step") from None

@@ -81,6 +81,9 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: Config, mask_id: int, tx: optax
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)  # noqa: E731
         params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        if "ema" in state:
+            new_state["ema"] = keep(state_lib.ema_update(state["ema"], params, cfg.optim.ema, state["step"]),
+                                    state["ema"])
         metrics = {"loss": value, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite,
                    "tokens": tokens, **objective.report(sums)}
         return new_state, metrics
@@ -152,7 +155,7 @@ def params_from_run(cfg: Config, state: dict[str, Any], shardings: Any) -> dict[
     source = config_lib.load_run(cfg.train.init_from_run)
     ours = objectives.get(cfg.objective.name).model_options(cfg.objective)
     if objectives.get(source.objective.name).model_options(source.objective) == ours:
-        return checkpointing.params_of_run(cfg.train.init_from_run, state)
+        return checkpointing.params_of_run(cfg.train.init_from_run, state, state_lib.weights_key(source))
     theirs = state_lib.load_params(cfg.train.init_from_run, cfg=source).params
     return with_edit_heads({name: value for name, value in theirs.items() if name in state["params"]},
                            state["params"], cfg, shardings)
@@ -271,6 +274,8 @@ def _train(cfg: Config, manifest: dict[str, Any], lock: runlock.RunLock | None, 
         loaded = hf.load(cfg.model.init_from, cfg.model, state["params"], shardings["params"])
         state["params"] = with_edit_heads({name: value for name, value in loaded.items() if name != "edit"},
                                           state["params"], cfg, shardings["params"])
+    if "ema" in state and restored is None:  # the average starts from the weights the run starts from
+        state["ema"] = jax.tree.map(jnp.copy, state["params"])
     if lead:  # after every check of what the run's own files say: a refused resume leaves them as they were
         write_whole(run_dir / "config.yaml", dump(cfg))
     start = int(state["step"])
