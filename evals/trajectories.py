@@ -33,6 +33,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from evals import decoders, ledger, runs
+from pipelines import corpus
 from evals.config import SamplingConfig
 from trainer import data, runlock, signals
 from trainer.config import check, load_into
@@ -55,6 +56,9 @@ class TrajectoriesConfig:
     # Keep answers that reach gen_length without an EOS (dropping them biases OPUT's data toward short
     # answers; with gen_length filling the trained length their EOS falls past the training row).
     keep_unfinished: bool = True
+    # all | correct: keep only answers the built-in corpus's grammar accepts (pipelines/corpus.py),
+    # rejection sampling: with sampling.temperature > 0 the kept answers stay as varied as the model.
+    keep: str = "all"
     sampling: SamplingConfig = dataclasses.field(default_factory=lambda: SamplingConfig(gen_length=0))
 
     def validate(self) -> None:
@@ -65,6 +69,7 @@ class TrajectoriesConfig:
             (self.batch_size >= 1, "batch_size", "must be at least 1"),
             (self.rows_per_part >= 1, "rows_per_part", "must be at least 1"),
             (self.format in ("jsonl", "parquet"), "format", "must be jsonl or parquet"),
+            (self.keep in ("all", "correct"), "keep", "must be all or correct"),
             (self.sampling.gen_length >= 0, "sampling.gen_length", "must be >= 0 (0 = fill the trained length)"),
             # Set by the job itself (the longest prompt, batch_size): one name per knob.
             (self.sampling.prompt_tokens == SamplingConfig.prompt_tokens, "sampling.prompt_tokens",
@@ -171,8 +176,11 @@ def finished_index(out: epath.Path, tag: str) -> dict | None:
     return index
 
 
+DROPPED = ("unfinished", "empty", "incorrect")  # why an answer is not a row
+
+
 def decode_part(part: list[Prompt], generate, key: jax.Array, batch_size: int, eos_id: int, gen_length: int,
-                tokenizer: Tokenizer, keep_unfinished: bool) -> tuple[list[dict], dict[str, int]]:
+                tokenizer: Tokenizer, keep_unfinished: bool, keep: str = "all") -> tuple[list[dict], dict[str, int]]:
     """Rows of one part (its prompts grouped by length, each group in fixed-size batches, the last
     padded by repeating its final prompt) and the counts of dropped answers. `generate(batch, key)`
     decodes a batch once; batch i of the part draws its noise from fold_in(key, i)."""
@@ -187,7 +195,7 @@ def decode_part(part: list[Prompt], generate, key: jax.Array, batch_size: int, e
         out = generate(batch, jax.random.fold_in(key, index))
         for p, row in zip(chunk, out.tokens):
             answers[p.index] = row[length:]
-    rows, dropped = [], {"unfinished": 0, "empty": 0}
+    rows, dropped = [], dict.fromkeys(DROPPED, 0)
     for prompt in part:
         generated = answers[prompt.index]
         ends = np.flatnonzero(generated == eos_id)
@@ -197,6 +205,9 @@ def decode_part(part: list[Prompt], generate, key: jax.Array, batch_size: int, e
         answer = tokenizer.decode(generated[:ends[0] if len(ends) else gen_length].tolist())
         if not answer.strip():
             dropped["empty"] += 1
+            continue
+        if keep == "correct" and not corpus.check_story(prompt.question, answer, bool(len(ends))).correct:
+            dropped["incorrect"] += 1
             continue
         rows.append({"question": prompt.question, "answer": answer})
     return rows, dropped
@@ -246,13 +257,13 @@ def _generate(run_dir: str, output: str, cfg: TrajectoriesConfig, lock: runlock.
     generate = lambda batch, batch_key: decoders.generate(  # noqa: E731  (decoded once, not timed)
         names[0], graphdef, params, batch, sampling_cfg, ids["mask"], ids["eos"], batch_key, timed=False)
     parts = [found[i:i + cfg.rows_per_part] for i in range(0, len(found), cfg.rows_per_part)]
-    files, rows_total, dropped_total = [], 0, {"unfinished": 0, "empty": 0}
+    files, rows_total, dropped_total = [], 0, dict.fromkeys(DROPPED, 0)
     for index, part in enumerate(tqdm(parts, desc="trajectories", unit="part", dynamic_ncols=True)):
         name = f"part-{index:05d}-of-{len(parts):05d}-{tag}.{cfg.format}"
         counts = out / f".{name}.counts.json"
         if not part_matches(out / name, counts):
             rows, dropped = decode_part(part, generate, jax.random.fold_in(key, index), cfg.batch_size, ids["eos"],
-                                        sampling_cfg.gen_length, tokenizer, cfg.keep_unfinished)
+                                        sampling_cfg.gen_length, tokenizer, cfg.keep_unfinished, cfg.keep)
             content = _encode_rows(rows, cfg.format)
             ledger.write_whole(counts, json.dumps({"rows": len(rows), "dropped": dropped,
                                                    "sha256": hashlib.sha256(content).hexdigest()}))
@@ -261,7 +272,10 @@ def _generate(run_dir: str, output: str, cfg: TrajectoriesConfig, lock: runlock.
         recorded = json.loads(counts.read_text())
         files.append({"file": name, "rows": recorded["rows"], "sha256": recorded["sha256"]})
         rows_total += recorded["rows"]
-        dropped_total = {k: dropped_total[k] + recorded["dropped"][k] for k in dropped_total}
+        dropped_total = {k: dropped_total[k] + recorded["dropped"].get(k, 0) for k in dropped_total}
+    if not rows_total and dropped_total["incorrect"]:
+        raise ConfigError(f"every answer was dropped ({dropped_total}): none is a story of the built-in corpus's "
+                          f"grammar; keep=correct checks only that corpus (use keep=all), or train the model longer")
     if not rows_total:
         raise ConfigError(f"every answer was dropped ({dropped_total}): no answer ended with an EOS within "
                           f"{sampling_cfg.gen_length} tokens; train the model longer or keep_unfinished=true")

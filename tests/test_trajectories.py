@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import jax
+
 import pytest
 
 from evals import trajectories
@@ -163,3 +165,35 @@ def test_an_export_makes_the_same_trajectories_as_its_run(straight, bd3lm_run, t
     assert export.main(["--run_dir", str(bd3lm_run), "--output", str(tmp_path / "hf")]) == 0
     result = make(tmp_path / "hf", tmp_path / "from_export")
     assert result["model"]["step"] == 40 and rows_of(tmp_path / "from_export") == rows_of(output)
+
+
+def test_keep_correct_keeps_exactly_the_answers_the_corpus_grammar_accepts(tiny_dataset):
+    """Rejection sampling: of each prompt's whole story and the same story cut short (an EOS before
+    its end), keep=correct keeps the whole ones only and counts the others; keep=all keeps both."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from pipelines import corpus
+
+    tokenizer = Tokenizer.from_file(str(tiny_dataset / "tokenizer.json"))
+    ids = data.special_ids(data.load_manifest(str(tiny_dataset)))
+    stories = [tokenizer.encode(story, add_special_tokens=False).ids for story in corpus.generate_stories(3, seed=7)]
+    prompt_len, gen_length = 6, max(map(len, stories))
+    part, rows = [], []
+    for story in stories:
+        for cut in (len(story), 12):  # whole, then cut in its second sentence
+            prompt = np.array([ids["bos"], *story[:prompt_len - 1]], np.int32)
+            part.append(trajectories.Prompt(len(part), prompt,
+                                            tokenizer.decode(story[:prompt_len - 1], skip_special_tokens=False)))
+            answer = story[prompt_len - 1:cut]
+            rows.append([*prompt, *answer, *[ids["eos"]] * (gen_length - len(answer))])
+    generate = lambda batch, key: SimpleNamespace(tokens=np.array(rows[:len(batch)], np.int32))  # noqa: E731
+    kept = {}
+    for keep in ("all", "correct"):
+        kept[keep] = trajectories.decode_part(part, generate, jax.random.key(0), len(part), ids["eos"], gen_length, tokenizer,
+                                              True, keep)
+    whole = [tokenizer.decode(story[prompt_len - 1:]) for story in stories]
+    assert [r["answer"] for r in kept["correct"][0]] == whole and kept["correct"][1]["incorrect"] == 3
+    assert len(kept["all"][0]) == 6 and kept["all"][1]["incorrect"] == 0
