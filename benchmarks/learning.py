@@ -30,7 +30,7 @@ from _common import emit, run
 
 from evals import perplexity
 
-PROMPT_LEN, GEN_LENGTH = 16, 64
+PROMPT_LEN = 16
 # name: (config, one-token decoder, overrides)
 ARMS = {
     "ar": ("configs/tinystories_tiny_ar.yaml", "causal", []),
@@ -58,7 +58,7 @@ def train_and_evaluate(tmp: str, data: str, name: str, arm, seed: int, args) -> 
         f"train.steps={args.steps}", f"train.checkpoint_every={args.every}",
         f"train.keep_last={args.steps // args.every + 1}", "wandb.mode=disabled", *overrides)
     run("-m", "evals", "--run_dir", run_dir, "--once", f"samplers={decoder}", f"sampling.num_samples={args.prompts}",
-        f"sampling.prompt_tokens={PROMPT_LEN}", f"sampling.gen_length={getattr(args, 'gen_length', GEN_LENGTH)}",
+        f"sampling.prompt_tokens={PROMPT_LEN}", f"sampling.gen_length={args.gen_length}",
         f"perplexity.max_tokens={args.ppl_tokens}", "wandb_mode=disabled")
     rows = []
     with open(f"{run_dir}/evals/ledger.jsonl") as f:
@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--every", type=int, default=50, help="checkpoint (and evaluation) interval")
     parser.add_argument("--prompts", type=int, default=64, help="held-out prompts per evaluation")
+    parser.add_argument("--gen_length", type=int, default=112,
+                        help="tokens generated after each 16-token prompt (112: whole stories, to the trained length)")
     parser.add_argument("--ppl_tokens", type=int, default=4000, help="validation tokens of each bound")
     parser.add_argument("--levels", default="0.5,0.8", help="story correctness levels to time")
     parser.add_argument("--workdir", default=None, help="keep the data and runs here (default: a temporary folder)")
@@ -104,7 +106,8 @@ def main() -> None:
         curves = {name: {seed: train_and_evaluate(tmp, f"{tmp}/data", name, arm, seed, args)
                          for seed in range(args.seeds)} for name, arm in arms.items()}
     result = {"machine": f"{platform.machine()}, {jax.device_count()} {jax.default_backend()} device(s)",
-              "steps": args.steps, "every": args.every, "prompts": args.prompts, "seeds": args.seeds,
+              "steps": args.steps, "every": args.every, "prompts": args.prompts, "gen_length": args.gen_length,
+              "seeds": args.seeds,
               "arms": {name: {"config": arm[0], "decoder": arm[1], "overrides": arm[2]} for name, arm in arms.items()},
               "curves": curves, "steps_to": {}, "vs_ar": {}}
     for name, by_seed in curves.items():

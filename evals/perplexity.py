@@ -52,7 +52,8 @@ def evaluate(graphdef, params, run_cfg: Config, manifest: dict[str, Any], cfg: P
         ("perplexity", dataclasses.astuple(run_cfg.model), mask_id, dataclasses.astuple(run_cfg.objective)),
         lambda: _compiled_loss(graphdef, mask_id, run_cfg.objective))
 
-    rows = data.EVAL_LOADERS[objective.batch](run_cfg, manifest, "validation", cfg.batch_size, shuffle=False,
+    documents_only = dataclasses.replace(run_cfg, data=dataclasses.replace(run_cfg.data, eos_fill=False))
+    rows = data.EVAL_LOADERS[objective.batch](documents_only, manifest, "validation", cfg.batch_size, shuffle=False,
                                               repeat=False)
     grid = [None] if objective.exact else time_grid(cfg.time_samples, run_cfg.objective.eps)
     key = jax.random.key(cfg.seed)

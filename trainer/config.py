@@ -47,6 +47,10 @@ class DataConfig:
     path: str = ""  # a preprocess output directory (local or gs://)
     seq_len: int = 256  # packed row length
     pack_documents: int = 1024  # documents read and packed together (rows never mix chunks; data order 2)
+    # Padding after a row's last document, when it ends there, becomes EOS of that document and
+    # carries loss: a diffusion model then learns that a text may end before its canvas does (the
+    # bound evals report never counts these).
+    eos_fill: bool = False
     num_workers: int = 0  # Grain worker processes (0 = in the trainer process)
     prefetch: int = 2  # batches each worker prepares ahead
     read_threads: int = 0  # threads reading chunks ahead (0 = read in line: fastest on local disk; use ~4 for gs://)

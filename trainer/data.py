@@ -269,17 +269,19 @@ class _Chunks(grain.MapDataset):
 class _ReadAndPack(grain.experimental.MapWithIndexTransform):
     """A chunk of record indices -> its documents packed into rows ([R, seq_len] arrays)."""
 
-    def __init__(self, source: ShardSource, schema: dict[str, Any], seq_len: int, seed: int | None, stream: int):
+    def __init__(self, source: ShardSource, schema: dict[str, Any], seq_len: int, seed: int | None, stream: int,
+                 eos_fill: int | None = None):
         self._source = source
         self._header = 4 * len(schema["fields"])
         self._dtype = np.dtype(schema["dtype"]).newbyteorder("<")
-        self._seq_len, self._seed, self._stream = seq_len, seed, stream
+        self._seq_len, self._seed, self._stream, self._eos_fill = seq_len, seed, stream, eos_fill
 
     def map_with_index(self, index: int, indices_N: np.ndarray) -> dict[str, np.ndarray]:
         records = self._source.__getitems__(indices_N.tolist())
         documents = [np.frombuffer(r, self._dtype, offset=self._header) for r in records]
         rng = None if self._seed is None else np.random.default_rng([self._seed, self._stream, index])
-        return packing.pack(documents, self._seq_len, rng)
+        rows = packing.pack(documents, self._seq_len, rng)
+        return rows if self._eos_fill is None else packing.fill_with_eos(rows, self._eos_fill)
 
 
 def in_reading_order(ds: grain.MapDataset, seed: int, *, shuffle: bool, repeat: bool, process_index: int = 0,
@@ -303,7 +305,8 @@ def packed_dataset(
     ds = in_reading_order(grain.MapDataset.range(len(source)), cfg.seed, shuffle=shuffle, repeat=repeat,
                           process_index=process_index, process_count=process_count)
     ds = _Chunks(ds, cfg.data.pack_documents).map_with_index(_ReadAndPack(
-        source, manifest["record_schema"], cfg.data.seq_len, cfg.seed if shuffle else None, process_index))
+        source, manifest["record_schema"], cfg.data.seq_len, cfg.seed if shuffle else None, process_index,
+        special_ids(manifest)["eos"] if cfg.data.eos_fill else None))
     rows = ds.to_iter_dataset(read_options(cfg))
     return grain.experimental.RebatchIterDataset(rows, batch_size, drop_remainder=repeat)
 
@@ -410,6 +413,7 @@ def loader_settings(cfg: Config, manifest: dict[str, Any], process_count: int = 
     return {"train.global_batch": cfg.train.global_batch, "data.streams": cfg.data.streams or process_count,
             "data.seq_len": cfg.data.seq_len, "data.pack_documents": cfg.data.pack_documents, "seed": cfg.seed,
             "rows": objectives.get(cfg.objective.name).batch,
+            **({"data.eos_fill": True} if cfg.data.eos_fill else {}),  # absent when off: older runs resume
             "train shards sha256": hashlib.sha256(shards.encode()).hexdigest()[:16]}
 
 

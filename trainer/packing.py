@@ -51,6 +51,24 @@ def best_fit_decreasing(length_P: np.ndarray, row_len: int) -> tuple[np.ndarray,
     return row_P, offset_P, segment_P, len(used)
 
 
+def fill_with_eos(rows: dict[str, np.ndarray], eos_id: int) -> dict[str, np.ndarray]:
+    """Packed rows whose last piece ends a document (its last token is `eos_id`) with the padding
+    after it turned into more EOS of that document: same segment, positions counting on. Pure."""
+    tokens, segments, positions = rows["tokens"], rows["tokens_segment_ids"], rows["tokens_positions"]
+    row_len = tokens.shape[1]
+    used_R = (segments != 0).sum(1)  # pieces fill a row from its start
+    last_R = np.maximum(used_R - 1, 0)
+    ended_R = (used_R > 0) & (used_R < row_len) & (np.take_along_axis(tokens, last_R[:, None], 1)[:, 0] == eos_id)
+    index_L = np.arange(row_len)
+    fill_RL = ended_R[:, None] & (index_L[None] >= used_R[:, None])
+    after_RL = index_L[None] - last_R[:, None]
+    return {"tokens": np.where(fill_RL, eos_id, tokens).astype(np.int32),
+            "tokens_segment_ids": np.where(fill_RL, np.take_along_axis(segments, last_R[:, None], 1),
+                                           segments).astype(np.int32),
+            "tokens_positions": np.where(fill_RL, np.take_along_axis(positions, last_R[:, None], 1) + after_RL,
+                                         positions).astype(np.int32)}
+
+
 def pack(documents: list[np.ndarray], row_len: int, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     """Documents (1-D token arrays) -> {tokens, tokens_segment_ids, tokens_positions}, each [R, row_len]
     int32, zero-padded. Every token lands in exactly one row; `rng` permutes the rows (so a batch
