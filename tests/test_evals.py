@@ -273,6 +273,12 @@ def test_perplexity_bound_is_deterministic_and_equals_a_direct_computation(train
     cfg = PerplexityConfig(max_tokens=600, time_samples=3, batch_size=2, seed=5)
     first = perplexity.evaluate(graphdef, params, run_cfg, manifest, cfg)
     assert first == perplexity.evaluate(graphdef, params, run_cfg, manifest, cfg)
+    # A run trained with data.eos_fill is scored on its documents only: the fill's EOS never count
+    # (the rows a fill would change come last: the whole split is read).
+    filled = dataclasses.replace(run_cfg, data=dataclasses.replace(run_cfg.data, eos_fill=True))
+    longer = dataclasses.replace(cfg, max_tokens=0, time_samples=1, batch_size=8)
+    assert (perplexity.evaluate(graphdef, params, filled, manifest, longer)
+            == perplexity.evaluate(graphdef, params, run_cfg, manifest, longer))
 
     # Direct: the same rows, grid and keys, with masks and NLL computed here in numpy.
     model = nnx.merge(graphdef, params)

@@ -181,6 +181,31 @@ def test_best_fit_packing_keeps_every_token_once_in_nearly_full_rows(row_len):
     assert not np.array_equal(shuffled["tokens"], tokens)
 
 
+def test_eos_fill_ends_each_finished_document_with_eos_to_the_rows_end_and_changes_nothing_else(tiny_dataset):
+    eos = 2
+    documents = [np.array([1, 5, 6, eos]), np.array([1, 7, 8, 9, 10, 11, eos]), np.array([1, *[3] * 10, 4])]
+    rows = packing.pack(documents, 8)  # rows: [1 3 ... 3], [1 7 8 9 10 11 eos pad], [1 5 6 eos | 3 3 3 4]
+    filled = packing.fill_with_eos(rows, eos)
+    padding = rows["tokens_segment_ids"] == 0
+    assert padding.sum() == 1  # the one finished document with room after it
+    for key in rows:
+        assert np.array_equal(filled[key][~padding], rows[key][~padding])  # every token, segment, position kept
+    r, c = np.argwhere(padding)[0]
+    assert filled["tokens"][r, c] == eos and filled["tokens_segment_ids"][r, c] == rows["tokens_segment_ids"][r, c - 1]
+    assert filled["tokens_positions"][r, c] == rows["tokens_positions"][r, c - 1] + 1
+    # Through the loader: each row whose last piece ends a document is EOS to its end; other rows as before.
+    cfg, manifest = _config(tiny_dataset, seq_len=256)
+    plain = next(iter(data.packed_dataset(cfg, manifest, "train", 8, shuffle=False, repeat=False)))
+    cfg.data.eos_fill = True
+    ended = next(iter(data.packed_dataset(cfg, manifest, "train", 8, shuffle=False, repeat=False)))
+    room = (plain["tokens_segment_ids"] == 0).any(1)
+    last = np.take_along_axis(plain["tokens"], (plain["tokens_segment_ids"] != 0).sum(1, keepdims=True) - 1, 1)[:, 0]
+    grows = room & (last == eos)
+    assert grows.any() and (ended["tokens_segment_ids"][grows] != 0).all() and (ended["tokens"][grows][
+        plain["tokens_segment_ids"][grows] == 0] == eos).all()
+    assert np.array_equal(ended["tokens"][~grows], plain["tokens"][~grows])
+
+
 def test_a_restored_iterator_continues_from_any_batch(tiny_dataset):
     """The state after each batch, restored into a fresh iterator, gives the batches that followed,
     whether it falls inside a packed chunk or at its end."""
