@@ -13,6 +13,13 @@ STORIES=${STORIES:-5000}
 # One XLA compilation cache for every process of the run: the base and OPUT models share their
 # decoders' programs, and a re-run compiles nothing it compiled before.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$RUN/.jax_cache}
+# The built-in corpus's defaults for the recipe: OPUT learns from the base model's answers sampled at
+# temperature 1, of which only the stories the corpus's grammar accepts are kept (rejection sampling:
+# varied and correct); every model writes whole stories (16-token prompts + 112 = the trained 128);
+# no harness task (HARNESS_ARGS='harness.tasks=tinystories_cloze harness.limit=100' adds one).
+export TRAJ_ARGS=${TRAJ_ARGS-sampler=one_token sampling.temperature=1.0 keep=correct}
+export EVAL_ARGS=${EVAL_ARGS-sampling.gen_length=112}
+export HARNESS_ARGS=${HARNESS_ARGS-}
 
 echo "== 1/3 sample corpus: $STORIES stories"
 "$PY" -m pipelines.corpus --output "$RUN/corpus/stories.txt" --num_stories "$STORIES" --seed 0

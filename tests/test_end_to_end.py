@@ -47,7 +47,8 @@ def test_readme_first_command_end_to_end(tmp_path):
            "OPUT_STEPS": "10", "TRAJ_VALIDATION": "0", "PYTHON": sys.executable,
            "TRAIN_ARGS": SMALL_MODEL + " optim.warmup_steps=5",
            "TRAJ_ARGS": "sampling.gen_length=24 batch_size=8 rows_per_part=16",
-           "EVAL_ARGS": SMALL_EVAL, "WANDB_MODE": "offline"}
+           "EVAL_ARGS": SMALL_EVAL, "WANDB_MODE": "offline",
+           "HARNESS_ARGS": "harness.tasks=tinystories_cloze harness.limit=100"}  # the quickstart runs none by default
     result = subprocess.run(["bash", str(ROOT / "quickstart.sh")], env=env, capture_output=True, text=True,
                             timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
