@@ -278,6 +278,8 @@ def test_a_resume_is_checked_against_the_iterator_state_it_restores(trained, tin
     config = (run / "config.yaml").read_text()
     err = cli_error(capsys, *args, "train.global_batch=4")
     assert "its data-iterator state was saved with train.global_batch=8, this run has 4" in err
+    err = cli_error(capsys, *args, "data.eos_fill=true")  # the rows would change under the saved position
+    assert "its data-iterator state was saved with data.eos_fill=False, this run has True" in err
     assert (run / "config.yaml").read_text() == config  # refused before the run's files changed
     (run / "checkpoints" / "processes.json").write_text('{"process_co')  # torn by some other tool
     assert cli.main(args) == 0

@@ -238,6 +238,10 @@ def restore_latest(mngr: ocp.CheckpointManager, state: dict[str, Any], iterator,
     return None
 
 
+# Loader settings newer trainers record, with the value a checkpoint that predates them was read under.
+RECORDED_SINCE = {"data.eos_fill": False}
+
+
 def check_loader(directory: str, saved: dict[str, Any], step: int, loader: dict[str, Any]) -> None:
     """The iterator state resumes only at the step it was saved with and under the loader settings
     that wrote it: another global batch, stream count, row length or dataset would read other rows."""
@@ -248,7 +252,7 @@ def check_loader(directory: str, saved: dict[str, Any], step: int, loader: dict[
         raise TopologyError(f"{directory}/{step} was written by another run (run id {saved[RUN_ID]}, this run's "
                             f"{loader.get(RUN_ID)}): a checkpoint copied in from elsewhere; remove it")
     for key, value in loader.items():
-        if key != RUN_ID and saved.get(key) != value:
+        if key != RUN_ID and saved.get(key, RECORDED_SINCE.get(key)) != value:
             raise TopologyError(f"{directory}/{step}: its data-iterator state was saved with {key}={saved.get(key)}, "
                                 f"this run has {value}: resume with the settings and data it was saved with, or "
                                 f"start a new run_dir (train.init_from_run keeps the weights)")

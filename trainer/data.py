@@ -413,7 +413,7 @@ def loader_settings(cfg: Config, manifest: dict[str, Any], process_count: int = 
     return {"train.global_batch": cfg.train.global_batch, "data.streams": cfg.data.streams or process_count,
             "data.seq_len": cfg.data.seq_len, "data.pack_documents": cfg.data.pack_documents, "seed": cfg.seed,
             "rows": objectives.get(cfg.objective.name).batch,
-            **({"data.eos_fill": True} if cfg.data.eos_fill else {}),  # absent when off: older runs resume
+            "data.eos_fill": cfg.data.eos_fill,
             "train shards sha256": hashlib.sha256(shards.encode()).hexdigest()[:16]}
 
 
