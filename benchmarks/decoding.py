@@ -5,7 +5,8 @@
 Runs DMax's recipe (recipes/dmax.sh) on a corpus, the quickstart's 5,000 generated stories or the
 real TinyStories sample in ../shared/data (skipped with a reason when absent), at --seeds seeds:
 each trains a block-diffusion base model (`configs/tinystories_tiny_bd3lm.yaml`), lets it answer
---prompts train prompts, and fine-tunes it with OPUT on its own answers; one AR twin (seed 0's)
+--prompts train prompts (on the generated corpus as the quickstart does: sampled at temperature 1,
+only the answers the grammar accepts kept), and fine-tunes it with OPUT on its own answers; one AR twin (seed 0's)
 judges them all. The tiny MDLM model of the same shape is the reference. Every model then decodes
 the same prompts (the first 16 tokens of held-out documents) for exactly --gen_length tokens with
 the decoders that fit its objective, the threshold decoders at each of --thresholds. Per row:
@@ -64,7 +65,9 @@ def make_runs(tmp: str, args) -> dict[str, str]:
         env = {**os.environ, "DATA": f"{tmp}/data", "RUN": recipe, "PYTHON": sys.executable, "EVALS": "0",
                "BASE_STEPS": str(args.steps), "JUDGE_STEPS": str(args.steps), "PROMPTS": str(args.prompts),
                "OPUT_STEPS": str(args.oput_steps), "TRAIN_ARGS": f"wandb.mode=disabled seed={seed}",
-               "JUDGE": runs.get("judge", "")}
+               "JUDGE": runs.get("judge", ""),
+               # the quickstart's trajectories where the grammar can check them: sampled, correct ones kept
+               "TRAJ_ARGS": " ".join(SAMPLED_CORRECT) if args.corpus == "generated" else ""}
         run("bash", "recipes/dmax.sh", env=env)
         runs.setdefault("judge", f"{recipe}/judge")
         runs[f"base_seed{seed}"], runs[f"oput_seed{seed}"] = f"{recipe}/base", f"{recipe}/oput"
@@ -79,9 +82,10 @@ def make_runs(tmp: str, args) -> dict[str, str]:
 # keys) of the trajectories it learns from, made again from the same base: what OPUT's quality, its
 # diversity and its speed depend on.
 TRAJECTORIES = "trajectories."
+SAMPLED_CORRECT = ["sampler=one_token", "sampling.temperature=1.0", "keep=correct"]  # quickstart.sh's TRAJ_ARGS
 ABLATION = {
     "recipe": [],
-    "sampled trajectories": [f"{TRAJECTORIES}sampling.temperature=1.0"],  # the recipe's are greedy
+    "greedy trajectories": [f"{TRAJECTORIES}sampler=threshold"],  # the recipe's without TRAJ_ARGS
     "lr 1e-4": ["optim.lr=1e-4"],
     "no rollout": ["objective.on_policy_ratio=0"],
     "noise 0.3..0.9": ["objective.noise_range_low=0.3", "objective.noise_range_high=0.9"],
@@ -239,7 +243,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3,
                         help="Recipe runs (seeds 0..N-1), each with its own base, trajectories and OPUT fine-tune.")
     parser.add_argument("--eval_prompts", type=int, default=32, help="Held-out prompts decoded per setting.")
-    parser.add_argument("--gen_length", type=int, default=64, help="Tokens generated after each 16-token prompt.")
+    parser.add_argument("--gen_length", type=int, default=112,
+                        help="Tokens generated after each 16-token prompt (112: whole stories, the trained length).")
     parser.add_argument("--thresholds", default="0.5,0.7,0.9", help="Comma-separated thresholds.")
     parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
                         help="Also train and decode the OPUT ablation (one setting changed per fine-tune).")
