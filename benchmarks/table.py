@@ -207,16 +207,17 @@ def learning(r: dict) -> list[Row]:
     evaluated step's correctness."""
     rows = []
     ar = r["steps_to"].get("ar", {})
+    stories = f"{r.get('gen_length', 64)}-token"  # runs before --gen_length generated 64 tokens
     for name, levels in r["steps_to"].items():
         for level, steps in levels.items():
             ratio = r["vs_ar"].get(name, {}).get(level, {}).get("median")
-            rows.append((f"learning: {name}, steps to story correctness >= {level} ({r['seeds']} seeds)",
+            rows.append((f"learning: {name}, steps to {stories} story correctness >= {level} ({r['seeds']} seeds)",
                          ", ".join("-" if s is None else str(s) for s in steps),
                          "AR " + ", ".join("-" if s is None else str(s) for s in ar.get(level, [])) if name != "ar" else "",
                          "" if name == "ar" else ("not reached" if ratio is None else f"{ratio:.2f}")))
     for name, by_seed in r["curves"].items():
         last = [curve[-1] for curve in by_seed.values()]
-        rows.append((f"learning: {name}, story correctness at step {last[0]['step']}",
+        rows.append((f"learning: {name}, {stories} story correctness at step {last[0]['step']}",
                      ", ".join(f"{c['story_correctness']:.2f}" for c in last),
                      "sentence validity " + ", ".join(f"{c['sentence_validity']:.2f}" for c in last), ""))
     return rows
