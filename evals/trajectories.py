@@ -33,8 +33,8 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from evals import decoders, ledger, runs
-from pipelines import corpus
 from evals.config import SamplingConfig
+from pipelines import corpus
 from trainer import data, runlock, signals
 from trainer.config import check, load_into
 from trainer.errors import ConfigError, UserError
