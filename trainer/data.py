@@ -270,18 +270,18 @@ class _ReadAndPack(grain.experimental.MapWithIndexTransform):
     """A chunk of record indices -> its documents packed into rows ([R, seq_len] arrays)."""
 
     def __init__(self, source: ShardSource, schema: dict[str, Any], seq_len: int, seed: int | None, stream: int,
-                 eos_fill: int | None = None):
+                 fill_eos_id: int | None = None):
         self._source = source
         self._header = 4 * len(schema["fields"])
         self._dtype = np.dtype(schema["dtype"]).newbyteorder("<")
-        self._seq_len, self._seed, self._stream, self._eos_fill = seq_len, seed, stream, eos_fill
+        self._seq_len, self._seed, self._stream, self._fill_eos_id = seq_len, seed, stream, fill_eos_id
 
     def map_with_index(self, index: int, indices_N: np.ndarray) -> dict[str, np.ndarray]:
         records = self._source.__getitems__(indices_N.tolist())
         documents = [np.frombuffer(r, self._dtype, offset=self._header) for r in records]
         rng = None if self._seed is None else np.random.default_rng([self._seed, self._stream, index])
         rows = packing.pack(documents, self._seq_len, rng)
-        return rows if self._eos_fill is None else packing.fill_with_eos(rows, self._eos_fill)
+        return rows if self._fill_eos_id is None else packing.fill_with_eos(rows, self._fill_eos_id)
 
 
 def in_reading_order(ds: grain.MapDataset, seed: int, *, shuffle: bool, repeat: bool, process_index: int = 0,
