@@ -5,7 +5,7 @@
 Trains the tiny model of `configs/tinystories_tiny*.yaml` (same size, data, optimizer and budget)
 with each arm's objective on the quickstart's 5,000 generated stories, at --seeds seeds, keeping a
 checkpoint every --every steps; evaluates each checkpoint with the arm's one-token decoder (AR:
-causal greedy; BD3LM: one token per forward, most confident first, in blocks; MDLM: the remasking
+causal greedy; BD3LM: one token per forward, left to right in blocks; MDLM: the remasking
 sampler at one token per step; Dream: its own decoder at one token per step) on --prompts held-out prompts, and parses every sample against the
 corpus's grammar (evals/quality.py). Per arm and seed: the curve of story correctness (share of
 samples without an error), sentence validity and the validation bound per step; the first step

@@ -8,8 +8,9 @@ one of two rules runs its passes:
   decoded ones stay revisable and feed back as soft embeddings; the block ends when a pass
   changes nothing or every position is confident.
 - threshold (Fast-dLLM's rule): commit every masked position whose confidence reaches the
-  threshold, at least the most confident one; committed tokens are final. A threshold above 1
-  commits exactly one token per forward: the one-token reference.
+  threshold, at least one (the leftmost masked, or by sampling.order the most confident);
+  committed tokens are final. A threshold above 1 commits exactly one token per forward: the
+  one-token reference.
 Each rule runs in two programs with identical tokens at equal settings: one compiled
 `lax.while_loop` over blocks and passes that runs the whole sequence every pass (uncached), and
 one that keeps the prompt's full blocks and each finished block in a fixed-size KV cache written
@@ -125,8 +126,8 @@ def soft_inputs(embedding_VD, result: Pass, in_a_BK, cfg: SamplingConfig, mask_i
 
 def threshold_pass(logits_BKV, key, tokens_BK, masked_BK, in_a_BK, active_B, cfg: SamplingConfig,
                    mask_id: int) -> Pass:
-    """Commit every masked position with confidence >= threshold, at least one: the most confident
-    (sampling.order=confidence) or the leftmost (left_to_right)."""
+    """Commit every masked position with confidence >= threshold, at least one: the leftmost
+    (sampling.order=left_to_right) or the most confident (confidence)."""
     choice = choose(logits_BKV, key, cfg, mask_id)
     x0, conf = choice.x0, choice.conf
     order = conf if cfg.order == "confidence" else -jnp.arange(tokens_BK.shape[1], dtype=conf.dtype)
