@@ -37,7 +37,7 @@ class SamplingConfig:
     # one_token and threshold: the position a pass commits at least: left_to_right (the leftmost masked one:
     # one_token then decodes each block in order) | confidence (the most confident masked one). Confidence
     # first commits a miscalibrated peak far ahead before the words leading to it (a story's ending word at
-    # a block's last position): at 0.08 story correctness where left to right is at 0.95 (README).
+    # a block's last position), and most prompts then end in the same error (README, "How fast diffusion learns").
     order: str = "left_to_right"
     remask_steps: int = 0  # remask, dream, editflow: total steps, over the blocks (0 = gen_length, a token per step)
     # dream: which masked positions a step unmasks: origin (each with probability 1 - s/t) or the most confident

@@ -84,8 +84,12 @@ def test_one_token_commits_exactly_one_token_per_decoding_forward(random_model):
     cfg = SamplingConfig(gen_length=24, block_length=8, threshold=0.01)  # one_token ignores the threshold
     out = decoders.generate("one_token", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
     for row in out.decoded_at:
-        assert sorted(row[5:].tolist()) == list(range(1, 25))  # one position per pass, none revised
+        assert row[5:].tolist() == list(range(1, 25))  # one position per pass, none revised, left to right
     assert (out.forwards == 24).all() and out.batch_forwards == 24  # cache writes ride along with passes
+    by_confidence = decoders.generate("one_token", *random_model, PROMPT, dataclasses.replace(cfg, order="confidence"),
+                                      MASK, -1, jax.random.key(0))
+    assert all(sorted(row[5:].tolist()) == list(range(1, 25)) for row in by_confidence.decoded_at)
+    assert any(row[5:].tolist() != list(range(1, 25)) for row in by_confidence.decoded_at)  # another order
     fast = decoders.generate("threshold", *random_model, PROMPT, cfg, MASK, -1, jax.random.key(0))
     assert (fast.forwards < out.forwards).all()  # a low threshold commits several tokens per pass
 
