@@ -238,8 +238,8 @@ def main() -> None:
     parser.add_argument("--corpus", choices=("generated", "shared"), default="generated")
     parser.add_argument("--steps", type=int, default=600,
                         help="Steps of the base, the judge and MDLM (the recipe's: the base then writes mostly correct stories).")
-    parser.add_argument("--oput_steps", type=int, default=150, help="Steps of each OPUT fine-tune.")
-    parser.add_argument("--prompts", type=int, default=1024, help="Trajectories the base model generates.")
+    parser.add_argument("--oput_steps", type=int, default=100, help="Steps of each OPUT fine-tune.")
+    parser.add_argument("--prompts", type=int, default=2048, help="Trajectories the base model generates.")
     parser.add_argument("--seeds", type=int, default=3,
                         help="Recipe runs (seeds 0..N-1), each with its own base, trajectories and OPUT fine-tune.")
     parser.add_argument("--eval_prompts", type=int, default=32, help="Held-out prompts decoded per setting.")
