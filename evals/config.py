@@ -32,6 +32,9 @@ class SamplingConfig:
     # SPD: re-predict already decoded positions (yes | no | auto = yes only for models trained to
     # predict every position, oput; SUBS models (mdlm, bd3lm) carry a decoded token over, as trained).
     revise: str = "auto"
+    # SPD with revision: what a drafted position feeds the next pass: soft (DMax: its top-k tokens'
+    # embeddings mixed with the mask's) | hard (its drafted token's embedding: what OPUT's rollout trains on)
+    spd_inputs: str = "soft"
     temperature: float = 0.0  # 0 = greedy, else Gumbel-max sampling at this temperature
     suppress_mask: bool = True  # never predict the mask token
     # one_token and threshold: the position a pass commits at least: left_to_right (the leftmost masked one:
@@ -112,6 +115,7 @@ class EvalConfig:
             (s.steps >= 0, "sampling.steps", "must be >= 0 (0 = the block length)"),
             (s.top_k >= 1, "sampling.top_k", "must be at least 1"),
             (s.revise in ("yes", "no", "auto"), "sampling.revise", "must be yes, no or auto"),
+            (s.spd_inputs in ("soft", "hard"), "sampling.spd_inputs", "must be soft or hard"),
             (s.temperature >= 0, "sampling.temperature", "must be >= 0"),
             (s.order in ("confidence", "left_to_right"), "sampling.order", "must be confidence or left_to_right"),
             (s.remask_steps >= 0, "sampling.remask_steps", "must be >= 0"),

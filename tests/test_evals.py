@@ -142,7 +142,8 @@ def test_the_token_choice_equals_argmax_and_softmax_without_materialising_them(t
 
 def test_soft_inputs_only_where_the_model_revises():
     """A SUBS model (revise: no) sees each decoded position as its committed token's embedding; a model
-    that revises (OPUT) sees the soft top-k mix there. Masked positions are the mask embedding."""
+    that revises (OPUT) sees the soft top-k mix there, or its draft's embedding with spd_inputs=hard.
+    Masked positions are the mask embedding."""
     embedding = jax.random.normal(jax.random.key(0), (12, 4))
     tokens = jnp.array([[3, 5, 11, 11]])
     result = block_causal.Pass(tokens=tokens, masked=jnp.array([[False, False, True, True]]),
@@ -154,6 +155,8 @@ def test_soft_inputs_only_where_the_model_revises():
     soft = block_causal.soft_inputs(embedding, result, in_a, SamplingConfig(revise="yes"), 11)
     np.testing.assert_array_equal(soft[:, 2:], embedding[tokens][:, 2:])
     assert not np.allclose(soft[:, :2], embedding[tokens][:, :2])
+    drafts = block_causal.soft_inputs(embedding, result, in_a, SamplingConfig(revise="yes", spd_inputs="hard"), 11)
+    np.testing.assert_array_equal(drafts, embedding[tokens])
 
 
 @pytest.mark.parametrize("name", ["spd", "spd_cached"])

@@ -111,9 +111,10 @@ def soft_inputs(embedding_VD, result: Pass, in_a_BK, cfg: SamplingConfig, mask_i
     """With revision, decoded positions of the block: the top-k mix of embeddings plus the leftover
     probability times the mask embedding, rescaled to the mix's expected norm; others: their hard
     embedding. Without revision (a SUBS model, trained only to fill masks) every decoded position is
-    its committed token's hard embedding: what the model saw of unmasked tokens in training."""
+    its committed token's hard embedding: what the model saw of unmasked tokens in training; so with
+    sampling.spd_inputs=hard (what OPUT's rollout showed the model of its drafts)."""
     hard = embedding_VD[result.tokens]
-    if cfg.revise == "no":
+    if cfg.revise == "no" or cfg.spd_inputs == "hard":
         return hard
     mask_vec = embedding_VD[mask_id]
     leftover = jnp.maximum(0.0, 1.0 - result.topk_p.sum(-1))
