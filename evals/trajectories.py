@@ -13,7 +13,9 @@ last, records the model, step, sampler, settings, counts and each part's sha256,
 checks the parts against it (a missing or altered part is made again; parts of other settings are
 refused). One job writes an output at a time (`OUTPUT/.lock`, like the trainer's run lock).
 Tokenize the rows with `python -m pipelines.preprocess --dataset dmax_trajectories --tokenizer
-RUN_DATA/tokenizer.json --prompt_suffix ''` (text prompts) to train OPUT on them.
+RUN_DATA/tokenizer.json --prompt_suffix S` to train OPUT on them, where S is `prompt_suffix` of
+`trajectories.json`: '' after a text document's opening words, the data's own suffix after a
+trajectory dataset's question (the rows then read as the data's own did).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import shlex
 import sys
 from typing import NamedTuple
 
@@ -85,13 +88,22 @@ class Prompt(NamedTuple):
     question: str  # the prompt's text, without BOS (and without the dataset's prompt suffix)
 
 
+def rejoin_suffix(manifest: dict) -> str:
+    """What preprocess must put between a question and its answer (--prompt_suffix) for the rows to
+    read as the data's own: nothing after a text document's opening words (the answer continues
+    them), the data's prompt suffix after a trajectory dataset's question (written without it)."""
+    if manifest["record_schema"]["fields"] == ["prompt", "response"]:
+        return manifest["options"].get("prompt_suffix", "\n")
+    return ""
+
+
 def prompts(path: str, split: str, cfg: TrajectoriesConfig, tokenizer: Tokenizer) -> list[Prompt]:
     """The usable prompts in manifest order. A text document's first `prompt_tokens` tokens are used
     only when their text tokenizes back to exactly them (the cut falls between pre-tokens), so the
     question round-trips through preprocessing; records keep their own prompt."""
     manifest = data.load_manifest(path)
     trajectories = manifest["record_schema"]["fields"] == ["prompt", "response"]
-    suffix = manifest["options"].get("prompt_suffix", "\n")
+    suffix = rejoin_suffix(manifest)
     bos = data.special_ids(manifest).get("bos")
     found = []
     for doc in data.documents(path, manifest, split):
@@ -173,7 +185,7 @@ def finished_index(out: epath.Path, tag: str) -> dict | None:
         print(f"warning: {out} does not match its {SIDECAR} ({(altered or unlisted or ['no parts listed'])[0]}); "
               f"the parts that differ are made again")
         return None
-    return index
+    return index if "prompt_suffix" in index else None  # an older index: written again from its parts
 
 
 DROPPED = ("unfinished", "empty", "incorrect")  # why an answer is not a row
@@ -284,9 +296,9 @@ def _generate(run_dir: str, output: str, cfg: TrajectoriesConfig, lock: runlock.
               "sampler": names[0], "settings": settings, "settings_hash": tag,
               "files": [part["file"] for part in files], "parts": files,
               "rows": rows_total, "dropped": dropped_total,
-              "tokenizer_sha256": manifest["tokenizer"]["sha256"],
-              "preprocess": f"--dataset dmax_trajectories --tokenizer {path}/tokenizer.json"
-                            + (" --prompt_suffix ''" if manifest["record_schema"]["fields"] == ["tokens"] else "")}
+              "tokenizer_sha256": manifest["tokenizer"]["sha256"], "prompt_suffix": rejoin_suffix(manifest),
+              "preprocess": f"--dataset dmax_trajectories --tokenizer {path}/tokenizer.json "
+                            f"--prompt_suffix {shlex.quote(rejoin_suffix(manifest))}"}
     ledger.write_whole(sidecar, json.dumps(result, indent=2))
     return result
 

@@ -51,8 +51,12 @@ echo "== recipe 3/6 self-generated trajectories: the base model answers $PROMPTS
   ${TRAJ_EXTRA[@]+"${TRAJ_EXTRA[@]}"}
 echo "== recipe 4/6 tokenize them with the same tokenizer"
 if [ ! -f "$RUN/trajectories_data/manifest.json" ]; then
+  # Question and answer joined as DATA's rows were ('' after a story's opening words, DATA's own suffix
+  # after a trajectory dataset's question); the trailing x keeps a newline through $(...).
+  suffix=$("$PY" -c 'import json, sys; sys.stdout.write(json.load(open(sys.argv[1]))["prompt_suffix"] + "x")' \
+    "$RUN/trajectories/trajectories.json")
   "$PY" -m pipelines.preprocess --dataset dmax_trajectories --input "$RUN/trajectories/part-*" \
-    --output "$RUN/trajectories_data" --tokenizer "$DATA/tokenizer.json" --prompt_suffix '' \
+    --output "$RUN/trajectories_data" --tokenizer "$DATA/tokenizer.json" --prompt_suffix "${suffix%x}" \
     --num_shards 2 --validation_fraction "${TRAJ_VALIDATION:-0.05}"
 fi
 echo "== recipe 5/6 OPUT from the block-diffusion model: $OPUT_CONFIG, $OPUT_STEPS steps"

@@ -197,3 +197,31 @@ def test_keep_correct_keeps_exactly_the_answers_the_corpus_grammar_accepts(tiny_
     whole = [tokenizer.decode(story[prompt_len - 1:]) for story in stories]
     assert [r["answer"] for r in kept["correct"][0]] == whole and kept["correct"][1]["incorrect"] == 3
     assert len(kept["all"][0]) == 6 and kept["all"][1]["incorrect"] == 0
+
+
+def test_questions_of_a_trajectory_dataset_rejoin_as_its_own_rows(trajectory_dataset, tmp_path):
+    """The recipe re-tokenizes a trajectory dataset's answers with the suffix the job records: the
+    rows then hold the data's own prompt tokens (joined with '' the answer's first word fused with
+    the question's last, and OPUT learned another layout: its answers dropped the name)."""
+    manifest = data.load_manifest(str(trajectory_dataset))
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(trajectory_dataset / "tokenizer.json"))
+    cfg = config_lib.load_into(TrajectoriesConfig(), None, ["num_prompts=20"])
+    found = trajectories.prompts(str(trajectory_dataset), "train", cfg, tokenizer)
+    originals = list(data.documents(str(trajectory_dataset), manifest, "train"))[:20]
+    rows = [{"question": p.question, "answer": tokenizer.decode(doc["tokens"][int(doc["prompt_len"]):].tolist())}
+            for p, doc in zip(found, originals)]
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    suffix = trajectories.rejoin_suffix(manifest)
+    assert suffix == "\n"
+    for joined, same in ((suffix, True), ("", False)):
+        out = tmp_path / f"data{len(joined)}"
+        assert preprocess.main(["--dataset", "dmax_trajectories", "--input", str(source), "--output", str(out),
+                                "--tokenizer", str(trajectory_dataset / "tokenizer.json"), "--prompt_suffix", joined,
+                                "--num_shards", "1", "--validation_fraction", "0"]) == 0
+        rejoined = sorted(tuple(d["tokens"].tolist()) for d in data.documents(str(out), data.load_manifest(str(out)),
+                                                                                 "train"))
+        assert len(rejoined) == 20
+        assert (rejoined == sorted(tuple(d["tokens"].tolist()) for d in originals)) == same
