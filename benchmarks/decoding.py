@@ -29,6 +29,7 @@ is written as SVG.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import platform
@@ -110,9 +111,10 @@ def ablation_runs(tmp: str, args) -> dict[str, str]:
             trajectories = f"{runs[name]}_trajectories_data"
             run("-m", "evals.trajectories", "--run_dir", f"{recipe}/base", "--output", f"{runs[name]}_trajectories",
                 f"num_prompts={args.prompts}", *rows)
+            index = json.loads(pathlib.Path(f"{runs[name]}_trajectories/trajectories.json").read_text())
             run("-m", "pipelines.preprocess", "--dataset", "dmax_trajectories", "--input",
                 f"{runs[name]}_trajectories/part-*", "--output", trajectories, "--tokenizer", f"{tmp}/data/tokenizer.json",
-                "--prompt_suffix", "", "--num_shards", "2", "--validation_fraction", "0.05")
+                "--prompt_suffix", index["prompt_suffix"], "--num_shards", "2", "--validation_fraction", "0.05")
         run("-m", "trainer", "--config", "configs/tinystories_tiny_oput.yaml", f"run_dir={runs[name]}",
             f"data.path={trajectories}", f"train.init_from_run={recipe}/base",
             f"train.steps={args.oput_steps}", f"train.checkpoint_every={args.oput_steps}", "wandb.mode=disabled",

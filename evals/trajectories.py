@@ -291,14 +291,15 @@ def _generate(run_dir: str, output: str, cfg: TrajectoriesConfig, lock: runlock.
     if not rows_total:
         raise ConfigError(f"every answer was dropped ({dropped_total}): no answer ended with an EOS within "
                           f"{sampling_cfg.gen_length} tokens; train the model longer or keep_unfinished=true")
+    suffix = rejoin_suffix(manifest)
     result = {"model": {"run_dir": str(run_dir), "step": step, "objective": run_cfg.objective.name,
                         "model": dataclasses.asdict(run_cfg.model)},
               "sampler": names[0], "settings": settings, "settings_hash": tag,
               "files": [part["file"] for part in files], "parts": files,
               "rows": rows_total, "dropped": dropped_total,
-              "tokenizer_sha256": manifest["tokenizer"]["sha256"], "prompt_suffix": rejoin_suffix(manifest),
+              "tokenizer_sha256": manifest["tokenizer"]["sha256"], "prompt_suffix": suffix,
               "preprocess": f"--dataset dmax_trajectories --tokenizer {path}/tokenizer.json "
-                            f"--prompt_suffix {shlex.quote(rejoin_suffix(manifest))}"}
+                            f"--prompt_suffix {shlex.quote(suffix)}"}
     ledger.write_whole(sidecar, json.dumps(result, indent=2))
     return result
 
