@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import math
 import os
@@ -66,13 +67,14 @@ ANSWER = re.compile(r"answer is\s*(-?\d+)")
 WELL_FORMED = re.compile(r"\S.*\nThe answer is -?\d+\.", re.DOTALL)  # the trajectories' response shape
 
 
-def questions(data_path: str, tokenizer: Tokenizer) -> dict[int, tuple[np.ndarray, list[str]]]:
-    """Validation prompts grouped by length (SPD decodes equal-length prompts), each group
-    with the reference answers ("" where the response states none)."""
+def questions(data_path: str, tokenizer: Tokenizer, limit: int = 0) -> dict[int, tuple[np.ndarray, list[str]]]:
+    """The first `limit` (0: all) validation prompts grouped by length (SPD decodes equal-length
+    prompts), each group with the reference answers' final numbers ("" where the response has none)."""
     groups = collections.defaultdict(list)
-    for doc in data.documents(data_path, data.load_manifest(data_path), "validation"):
+    docs = data.documents(data_path, data.load_manifest(data_path), "validation")
+    for doc in itertools.islice(docs, limit or None):
         prompt_len = int(doc["prompt_len"])
-        groups[prompt_len].append((doc["tokens"][:prompt_len], final_answer(tokenizer.decode(
+        groups[prompt_len].append((doc["tokens"][:prompt_len], quality.final_number(tokenizer.decode(
             doc["tokens"][prompt_len:].tolist()))))
     return {length: (np.stack([p for p, _ in rows]).astype(np.int32), [a for _, a in rows])
             for length, rows in sorted(groups.items())}

@@ -27,6 +27,11 @@ BENCHMARKS = {  # name: (script, full-size args, --quick args)
                                         "benchmarks/frontier_shared.svg"],
                         ["--corpus", "shared", "--no-ablation", "--steps", "60", "--oput_steps", "20", "--prompts",
                          "64", "--seeds", "2", "--eval_prompts", "8", "--svg", "benchmarks/frontier_shared.svg"]),
+    "decoding_arithmetic": ("decoding.py", ["--corpus", "arithmetic", "--no-ablation", "--eval_prompts", "256", "--svg",
+                                            "benchmarks/frontier_arithmetic.svg"],
+                            ["--corpus", "arithmetic", "--no-ablation", "--steps", "60", "--oput_steps", "20",
+                             "--prompts", "64", "--seeds", "2", "--eval_prompts", "8", "--svg",
+                             "benchmarks/frontier_arithmetic.svg"]),
     "quality": ("quality.py", [], ["--steps", "60"]),
     # MDLM's arm (--arm mdlm) is left out here: its one-token decoder runs a full-canvas forward per
     # token, about an hour more on 2 cores for its 36 checkpoints.

@@ -97,6 +97,9 @@ def _spread(value: dict | float, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+EXACT = {"story_correctness": "correct", "accuracy": "accuracy"}  # decoding's exact measures, as the table names them
+
+
 def decoding(r: dict) -> list[Row]:
     """Per model and decoder (the fastest threshold that keeps the base's quality where one does):
     tokens per forward and quality, median [min, max] over the seeds; the goals per seed."""
@@ -110,11 +113,11 @@ def decoding(r: dict) -> list[Row]:
         for name, row in table["rows"].items():
             if "@" in name and name.split("@")[1] != "0.9" and model != "oput":
                 continue  # the base's and MDLM's parallel decoders at the default threshold only
-            exact = (f", correct {_spread(row['story_correctness'])}" if "story_correctness" in row else "")
+            exact = "".join(f", {label} {_spread(row[key])}" for key, label in EXACT.items() if key in row)
             rows.append((f"decoding ({corpus}): {model} {name}" + (f", {table['seeds']} seeds" if "seeds" in table else ""),
                          f"{_spread(row['tokens_per_forward'])} tokens/forward{exact}, distinct-2 "
                          f"{_spread(row['distinct_2'], 3)}",
-                         f"real continuations: distinct-2 {real['distinct_2']:.3f}", ""))
+                         f"real continuations: distinct-2 {real['distinct_2']:.3f}" if real else "", ""))
     goals = r["goals"]
     if "skipped" in goals:
         return rows + [(f"decoding ({corpus}) goals", "skipped", goals["skipped"], "")]
@@ -295,6 +298,7 @@ def harness_levels(r: dict) -> list[Row]:
 
 
 RENDER = {"preprocess": preprocess, "train_step": train_step, "decoding": decoding, "decoding_shared": decoding,
+          "decoding_arithmetic": decoding,
           "quality": quality, "oput": oput, "harness_levels": harness_levels, "learning": learning,
           "adaptation": adaptation, "editflow": editflow}
 

@@ -7,6 +7,7 @@ is secondary (it finds repeated words likely)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -20,13 +21,26 @@ from trainer.objectives.masking import token_nll
 
 BOOTSTRAP = 1000  # resamples of the prompts for the 90% intervals
 INTERVAL = (5, 95)  # percentiles
-# A decoder writes at the reference's quality when its story correctness is at least this share of
-# the reference's and its distinct continuations and distinct-2 at least DIVERSITY_SHARE of them.
+# A decoder writes at the reference's quality when its exact measure (story correctness, or an
+# arithmetic answer's accuracy) is at least this share of the reference's and its distinct
+# continuations and distinct-2 at least DIVERSITY_SHARE of them.
 CORRECTNESS_SHARE = 0.95
 DIVERSITY_SHARE = 0.9
-AT_QUALITY = {"story_correctness": CORRECTNESS_SHARE, "distinct_continuations": DIVERSITY_SHARE,
-              "distinct_2": DIVERSITY_SHARE}  # each figure's least share of the reference's
-REFERENCE_KEYS = ("story_correctness", "distinct_continuations", "distinct_2", "gen_ppl")  # a reference's figures
+EXACT_KEYS = ("story_correctness", "accuracy")  # the exact measures: the built-in grammar, a final number
+DIVERSITY_KEYS = ("distinct_continuations", "distinct_2")
+REFERENCE_KEYS = (*EXACT_KEYS, *DIVERSITY_KEYS, "gen_ppl")  # a reference's figures
+_NUMBER = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?")
+
+
+def exact_key(metrics: dict[str, Any]) -> str | None:
+    """Which exact measure `metrics` carry (None on data without one, such as real TinyStories)."""
+    return next((key for key in EXACT_KEYS if metrics.get(key) is not None), None)
+
+
+def final_number(text: str) -> str:
+    """The last number of `text` without thousands separators ("" if none): an answer's result."""
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else ""
 
 
 class Prompts(NamedTuple):
@@ -122,8 +136,10 @@ def versus_reference(metrics: dict[str, Any], reference: dict[str, Any]) -> dict
     ratios = {f"{key}_vs_reference": metrics[key] / reference[key]
               for key in REFERENCE_KEYS
               if metrics.get(key) is not None and reference.get(key)}
-    if all(metrics.get(key) is not None and reference.get(key) is not None for key in AT_QUALITY):
-        ratios["at_reference_quality"] = all(metrics[key] >= share * reference[key] for key, share in AT_QUALITY.items())
+    exact = exact_key(reference)
+    shares = {exact: CORRECTNESS_SHARE, **dict.fromkeys(DIVERSITY_KEYS, DIVERSITY_SHARE)}
+    if exact and all(metrics.get(key) is not None and reference.get(key) is not None for key in shares):
+        ratios["at_reference_quality"] = all(metrics[key] >= share * reference[key] for key, share in shares.items())
     return ratios
 
 

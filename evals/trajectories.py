@@ -35,7 +35,7 @@ from etils import epath
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from evals import decoders, ledger, runs
+from evals import decoders, ledger, quality, runs
 from evals.config import SamplingConfig
 from pipelines import corpus
 from trainer import data, runlock, signals
@@ -59,8 +59,9 @@ class TrajectoriesConfig:
     # Keep answers that reach gen_length without an EOS (dropping them biases OPUT's data toward short
     # answers; with gen_length filling the trained length their EOS falls past the training row).
     keep_unfinished: bool = True
-    # all | correct: keep only answers the built-in corpus's grammar accepts (pipelines/corpus.py),
-    # rejection sampling: with sampling.temperature > 0 the kept answers stay as varied as the model.
+    # all | correct: keep only right answers (rejection sampling: with sampling.temperature > 0 the kept
+    # answers stay as varied as the model): on text data those the built-in corpus's grammar accepts
+    # (pipelines/corpus.py), on a trajectory dataset those whose final number is its record's.
     keep: str = "all"
     sampling: SamplingConfig = dataclasses.field(default_factory=lambda: SamplingConfig(gen_length=0))
 
@@ -86,6 +87,7 @@ class Prompt(NamedTuple):
     index: int  # position among the usable prompts (the output order)
     tokens: np.ndarray  # token ids, BOS first
     question: str  # the prompt's text, without BOS (and without the dataset's prompt suffix)
+    response: str = ""  # a trajectory record's own answer ("" for a text document's opening words)
 
 
 def rejoin_suffix(manifest: dict) -> str:
@@ -116,11 +118,13 @@ def prompts(path: str, split: str, cfg: TrajectoriesConfig, tokenizer: Tokenizer
             continue
         body = ids[1:] if bos is not None and len(ids) and ids[0] == bos else ids
         text = tokenizer.decode(body.tolist(), skip_special_tokens=False)
+        response = ""
         if trajectories:
             text = text.removesuffix(suffix) if suffix else text
+            response = tokenizer.decode(tokens[len(ids):].tolist())
         elif tokenizer.encode(text, add_special_tokens=False).ids != body.tolist():
             continue
-        found.append(Prompt(len(found), ids.astype(np.int32), text))
+        found.append(Prompt(len(found), ids.astype(np.int32), text, response))
         if cfg.num_prompts and len(found) == cfg.num_prompts:
             break
     return found
@@ -218,11 +222,20 @@ def decode_part(part: list[Prompt], generate, key: jax.Array, batch_size: int, e
         if not answer.strip():
             dropped["empty"] += 1
             continue
-        if keep == "correct" and not corpus.check_story(prompt.question, answer, bool(len(ends))).correct:
+        if keep == "correct" and not is_correct(prompt, answer, bool(len(ends))):
             dropped["incorrect"] += 1
             continue
         rows.append({"question": prompt.question, "answer": answer})
     return rows, dropped
+
+
+def is_correct(prompt: Prompt, answer: str, ended: bool) -> bool:
+    """keep=correct's test: a trajectory record's answer must end on the record's final number; a
+    text prompt's continuation must make a story the built-in grammar accepts."""
+    if prompt.response:
+        return bool(quality.final_number(prompt.response)) and \
+            quality.final_number(answer) == quality.final_number(prompt.response)
+    return corpus.check_story(prompt.question, answer, ended).correct
 
 
 def generate_trajectories(run_dir: str, output: str, cfg: TrajectoriesConfig) -> dict:
@@ -286,8 +299,9 @@ def _generate(run_dir: str, output: str, cfg: TrajectoriesConfig, lock: runlock.
         rows_total += recorded["rows"]
         dropped_total = {k: dropped_total[k] + recorded["dropped"].get(k, 0) for k in dropped_total}
     if not rows_total and dropped_total["incorrect"]:
-        raise ConfigError(f"every answer was dropped ({dropped_total}): none is a story of the built-in corpus's "
-                          f"grammar; keep=correct checks only that corpus (use keep=all), or train the model longer")
+        raise ConfigError(f"every answer was dropped ({dropped_total}): none is right (keep=correct checks a "
+                          f"trajectory dataset's final numbers and the built-in corpus's grammar; use keep=all "
+                          f"for other text), or train the model longer")
     if not rows_total:
         raise ConfigError(f"every answer was dropped ({dropped_total}): no answer ended with an EOS within "
                           f"{sampling_cfg.gen_length} tokens; train the model longer or keep_unfinished=true")

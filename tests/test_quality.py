@@ -88,3 +88,14 @@ def test_at_the_references_quality_means_correct_and_as_diverse(correct, distinc
     assert ratios["at_reference_quality"] is at
     assert ratios["gen_ppl_vs_reference"] == 0.5  # a lower gen-ppl (repetition) earns nothing here
     assert "at_reference_quality" not in quality.versus_reference({"gen_ppl": 5.0, "distinct_2": 0.2}, reference)
+
+
+def test_an_arithmetic_answer_is_judged_by_its_final_number_against_the_references_accuracy():
+    """On the arithmetic task the exact measure is accuracy: the same shares decide the quality."""
+    assert quality.final_number("3 x 1,200 = 3,600.\nThe answer is 3,600.") == "3600"
+    assert quality.final_number("-2 + 5 = 3") == "3" and quality.final_number("no number") == ""
+    reference = {"accuracy": 0.8, "distinct_continuations": 1.0, "distinct_2": 0.2}
+    assert quality.exact_key(reference) == "accuracy" and quality.exact_key({"distinct_2": 0.2}) is None
+    for accuracy, at in ((0.76, True), (0.75, False)):
+        ratios = quality.versus_reference({**reference, "accuracy": accuracy}, reference)
+        assert ratios["at_reference_quality"] is at and ratios["accuracy_vs_reference"] == accuracy / 0.8

@@ -9,7 +9,7 @@ import jax
 
 import pytest
 
-from evals import trajectories
+from evals import quality, trajectories
 from evals.trajectories import TrajectoriesConfig
 from pipelines import preprocess
 from tests.conftest import TINY_MODEL
@@ -225,3 +225,33 @@ def test_questions_of_a_trajectory_dataset_rejoin_as_its_own_rows(trajectory_dat
                                                                                  "train"))
         assert len(rejoined) == 20
         assert (rejoined == sorted(tuple(d["tokens"].tolist()) for d in originals)) == same
+
+
+def test_keep_correct_on_a_trajectory_dataset_keeps_the_answers_with_the_records_final_number(trajectory_dataset):
+    """Each question answered with its record's own response and with the same steps ending on another
+    number: keep=correct keeps the first only (DMax's data has right answers, not a grammar)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(trajectory_dataset / "tokenizer.json"))
+    ids = data.special_ids(data.load_manifest(str(trajectory_dataset)))
+    cfg = config_lib.load_into(TrajectoriesConfig(), None, ["num_prompts=3"])
+    found = trajectories.prompts(str(trajectory_dataset), "train", cfg, tokenizer)
+    assert all(p.response.endswith(f"The answer is {quality.final_number(p.response)}.") for p in found)
+    part, rows = [], []
+    for prompt in found:
+        right = prompt.response
+        wrong = right[:right.rindex(" ")] + f" {int(quality.final_number(right)) + 1}."
+        for answer in (right, wrong):
+            part.append(prompt._replace(index=len(part)))
+            rows.append([*prompt.tokens, *tokenizer.encode(answer, add_special_tokens=False).ids, ids["eos"]])
+    length = len(found[0].tokens)
+    assert all(len(p.tokens) == length for p in found)  # one batch of equal prompts
+    gen_length = max(map(len, rows)) - length
+    rows = [row + [ids["eos"]] * (length + gen_length - len(row)) for row in rows]
+    generate = lambda batch, key: SimpleNamespace(tokens=np.array(rows[:len(batch)], np.int32))  # noqa: E731
+    kept, dropped = trajectories.decode_part(part, generate, jax.random.key(0), len(part), ids["eos"], gen_length,
+                                             tokenizer, True, "correct")
+    assert [r["answer"] for r in kept] == [p.response for p in found] and dropped["incorrect"] == 3

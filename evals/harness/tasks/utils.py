@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 CHOICES = 4  # tinystories_cloze: the true last word and three distractors
 PROMPT_WORDS = 12  # tinystories_continuation: words of a story given as its prompt
 _LAST_WORD = re.compile(r"([A-Za-z]+)\W*$")
-_NUMBER = re.compile(r"-?[0-9][0-9,]*(?:\.[0-9]+)?")
 _FIRST_WORDS = re.compile(rf"(?:\S+\s+){{{PROMPT_WORDS}}}")
 
 
@@ -89,9 +88,9 @@ def load_arithmetic(arithmetic_data: str = "", **_) -> dict[str, datasets.Datase
                   for unit in units for record in sources.read_unit(unit)]
     except sources.UserError as e:
         raise DataError(str(e)) from None
-    docs = [{"question": question, "answer": answer, "target": numbers[-1].replace(",", "")}
+    docs = [{"question": question, "answer": answer, "target": target}
             for doc in parsed if isinstance(doc, documents.Document)
-            for question, answer in [doc.texts] if (numbers := _NUMBER.findall(answer))]
+            for question, answer in [doc.texts] if (target := quality.final_number(answer))]
     if len(docs) < len(parsed):
         log.warning("arithmetic_word_problems: %d of %d rows of %s are malformed or have no number in their "
                     "answer; left out", len(parsed) - len(docs), len(parsed), path)
