@@ -57,20 +57,27 @@ SHARED = ROOT.parent / "shared" / "data" / "tinystories" / "TinyStoriesV2-GPT4-v
 PROMPT_LEN = 16
 
 
-def make_runs(tmp: str, args) -> dict[str, str]:
-    """The recipe at each seed (its base, trajectories and OPUT; the AR judge is seed 0's for all)
-    and MDLM."""
-    if args.corpus == "arithmetic":  # 5,000 problems, 5% held out: the questions decoded
+def prepare_data(tmp: str, corpus: str) -> str:
+    """The corpus preprocessed into `tmp`/data (its path): 5,000 generated stories, the real
+    TinyStories sample, or 5,000 arithmetic problems of which 5% are held out (the questions decoded)."""
+    if corpus == "arithmetic":
         source = pathlib.Path(f"{tmp}/problems.jsonl")
         source.write_text("".join(json.dumps(row) + "\n" for row in arithmetic.generate_problems(5000, seed=0)))
         run("-m", "pipelines.preprocess", "--dataset", "dmax_trajectories", "--input", str(source), "--output",
             f"{tmp}/data", "--vocab_size", "512", "--num_shards", "4", "--validation_fraction", "0.05")
     else:
-        source = f"{tmp}/stories.txt" if args.corpus == "generated" else str(SHARED)
-        if args.corpus == "generated":
+        source = f"{tmp}/stories.txt" if corpus == "generated" else str(SHARED)
+        if corpus == "generated":
             run("-m", "pipelines.corpus", "--output", source, "--num_stories", "5000", "--seed", "0")
         run("-m", "pipelines.preprocess", "--dataset", "tinystories", "--input", source, "--output",
             f"{tmp}/data", "--vocab_size", "4096", "--num_shards", "4")
+    return f"{tmp}/data"
+
+
+def make_runs(tmp: str, args) -> dict[str, str]:
+    """The recipe at each seed (its base, trajectories and OPUT; the AR judge is seed 0's for all)
+    and MDLM."""
+    prepare_data(tmp, args.corpus)
     runs = {}
     for seed in range(args.seeds):
         recipe = f"{tmp}/recipe_seed{seed}"

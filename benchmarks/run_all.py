@@ -18,20 +18,21 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# --quick decoding: 250 base steps, the fewest at which the bases write some right answers for the
+# recipe's keep=correct trajectories to keep (at 60 it keeps none and the recipe stops).
+QUICK_DECODING = ["--steps", "250", "--oput_steps", "20", "--prompts", "128", "--seeds", "1", "--eval_prompts", "8",
+                  "--no-ablation"]
 BENCHMARKS = {  # name: (script, full-size args, --quick args)
     "preprocess": ("preprocess.py", [], ["--stories", "10000"]),
     "train_step": ("train_step.py", [], ["--steps", "2"]),
-    "decoding": ("decoding.py", [], ["--steps", "60", "--oput_steps", "20", "--prompts", "64", "--seeds", "2",
-                                     "--eval_prompts", "8"]),
+    "decoding": ("decoding.py", [], QUICK_DECODING),
     "decoding_shared": ("decoding.py", ["--corpus", "shared", "--no-ablation", "--svg",
                                         "benchmarks/frontier_shared.svg"],
-                        ["--corpus", "shared", "--no-ablation", "--steps", "60", "--oput_steps", "20", "--prompts",
-                         "64", "--seeds", "2", "--eval_prompts", "8", "--svg", "benchmarks/frontier_shared.svg"]),
+                        ["--corpus", "shared", *QUICK_DECODING, "--svg", "benchmarks/frontier_shared.svg"]),
     "decoding_arithmetic": ("decoding.py", ["--corpus", "arithmetic", "--no-ablation", "--eval_prompts", "256", "--svg",
                                             "benchmarks/frontier_arithmetic.svg"],
-                            ["--corpus", "arithmetic", "--no-ablation", "--steps", "60", "--oput_steps", "20",
-                             "--prompts", "64", "--seeds", "2", "--eval_prompts", "8", "--svg",
-                             "benchmarks/frontier_arithmetic.svg"]),
+                            ["--corpus", "arithmetic", *QUICK_DECODING, "--svg", "benchmarks/frontier_arithmetic.svg"]),
+    "ceiling": ("ceiling.py", [], ["--steps", "100", "--docs", "32"]),
     "quality": ("quality.py", [], ["--steps", "60"]),
     # MDLM's arm (--arm mdlm) is left out here: its one-token decoder runs a full-canvas forward per
     # token, about an hour more on 2 cores for its 36 checkpoints.

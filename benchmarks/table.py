@@ -139,6 +139,20 @@ def decoding(r: dict) -> list[Row]:
     return rows
 
 
+def ceiling(r: dict) -> list[Row]:
+    """Per corpus, the tokens per forward a model as sure as its AR twin reaches at most, per threshold."""
+    rows = []
+    for corpus, c in r["results"].items():
+        keys = sorted((k for k in c if k.startswith("threshold_")), key=lambda k: -float(k.split("_")[1]))
+        rows.append((f"decoding ceiling ({corpus}, blocks of {c['block']}): a model as sure as its AR twin "
+                     f"({r['ar_steps']} steps), {c['documents']} held-out documents",
+                     " / ".join(f"{c[k]['tokens_per_forward_ceiling']:.2f}" for k in keys)
+                     + " tokens/forward at threshold " + " / ".join(k.split("_")[1] for k in keys),
+                     " / ".join(f"{c[k]['unsure_per_document']:.1f}" for k in keys)
+                     + f" unsure positions in {c[keys[0]]['generated_per_document']:.0f} generated tokens", ""))
+    return rows
+
+
 def _overhead(r: dict) -> list[Row]:
     overhead = r.get("decoder_overhead")
     if not overhead:
@@ -298,7 +312,7 @@ def harness_levels(r: dict) -> list[Row]:
 
 
 RENDER = {"preprocess": preprocess, "train_step": train_step, "decoding": decoding, "decoding_shared": decoding,
-          "decoding_arithmetic": decoding,
+          "decoding_arithmetic": decoding, "ceiling": ceiling,
           "quality": quality, "oput": oput, "harness_levels": harness_levels, "learning": learning,
           "adaptation": adaptation, "editflow": editflow}
 
