@@ -289,7 +289,7 @@ def frontier_svg(results: dict) -> str:
                quality.EXACT_KEYS[0])
     for model, table in results.items():
         rows = table["rows"]
-        for sampler in {n.split("@")[0] for n in rows}:
+        for sampler in sorted({n.split("@")[0] for n in rows}):  # a set's order varies between runs
             points = [(r["tokens_per_forward"], r[key]) for n, r in rows.items()
                       if n.split("@")[0] == sampler and key in r]
             if not points:
