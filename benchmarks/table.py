@@ -79,18 +79,6 @@ def device(r: dict) -> list[Row]:
                    in loader(r["loader"])]
 
 
-def _median(value):
-    return value["median"] if isinstance(value, dict) else value
-
-
-def _figure(row: dict) -> str:
-    tpf, ppl = row["tokens_per_forward"], row["gen_ppl"]
-    if isinstance(tpf, dict):
-        return (f"{tpf['median']:.2f} [{tpf['min']:.2f}, {tpf['max']:.2f}] tokens/forward, gen-ppl "
-                f"{ppl['median']:.2f} [{ppl['min']:.2f}, {ppl['max']:.2f}]")
-    return f"{tpf:.2f} tokens/forward, gen-ppl {ppl:.2f}"
-
-
 def _spread(value: dict | float, digits: int = 2) -> str:
     if isinstance(value, dict):
         return f"{value['median']:.{digits}f} [{value['min']:.{digits}f}, {value['max']:.{digits}f}]"
@@ -105,8 +93,6 @@ def decoding(r: dict) -> list[Row]:
     tokens per forward and quality, median [min, max] over the seeds; the goals per seed."""
     if "skipped" in r:
         return [(f"decoding ({r.get('corpus', 'shared')} corpus)", "skipped", r["skipped"], "")]
-    if "real_continuations" not in r:
-        return _decoding_by_gen_ppl(r)
     summary, corpus, real = r["summary"], r["corpus"], r["real_continuations"]
     rows = []
     for model, table in summary.items():
@@ -120,7 +106,7 @@ def decoding(r: dict) -> list[Row]:
                          f"real continuations: distinct-2 {real['distinct_2']:.3f}" if real else "", ""))
     goals = r["goals"]
     if "skipped" in goals:
-        return rows + [(f"decoding ({corpus}) goals", "skipped", goals["skipped"], "")]
+        return rows + [(f"decoding ({corpus}) goals", "skipped", goals["skipped"], "")] + _overhead(r)
     base = goals["base_threshold_at_its_quality"]["tokens_per_forward_per_seed"]
     for sampler in ("threshold", "spd_cached"):
         goal = goals[f"oput_{sampler}"]
@@ -160,41 +146,6 @@ def _overhead(r: dict) -> list[Row]:
     return [(f"decoding ({r['corpus']}): cached decoder time per forward vs a bare forward (worst of batch 1 / "
              f"{[k for k in overhead if k.startswith('batch_')][-1][6:]}, one_token and spd_cached)",
              f"{overhead['worst_vs_bare']}x", "goal <= 1.25x", "met" if overhead["met"] else "not met")]
-
-
-def _decoding_by_gen_ppl(r: dict) -> list[Row]:
-    """A result written before the exact measure (decoding.py judged quality by gen-ppl then): per
-    model, its one-token row, and per parallel sampler the fastest threshold whose gen-ppl is
-    within 1.1x the base model's one-token decoding."""
-    summary, corpus = r["summary"], r["corpus"]
-    base_ppl = summary["base"]["rows"]["one_token"]["gen_ppl"]
-    reference = _median(base_ppl)
-    against = f"{'median ' if isinstance(base_ppl, dict) else ''}base one-token gen-ppl {reference:.2f}"
-    rows = []
-    for model, table in summary.items():
-        names = table["rows"]
-        samplers = dict.fromkeys(n.split("@")[0] for n in names)
-        for sampler in samplers:
-            options = [n for n in names if n.split("@")[0] == sampler]
-            within = [n for n in options if _median(names[n]["gen_ppl"]) <= 1.1 * reference] or options
-            best = max(within, key=lambda n: _median(names[n]["tokens_per_forward"]))
-            seeds = f", {table['seeds']} seeds" if "seeds" in table else ""
-            rows.append((f"decoding ({corpus}): {model} {best}{seeds}", _figure(names[best]), against,
-                         f"{_median(names[best]['gen_ppl']) / reference:.2f}"))
-    for name, goal in r["goals"].items():
-        if not isinstance(goal, dict):
-            continue
-        per_seed = goal.get("tokens_per_forward_per_seed", goal.get("ratio_per_seed"))
-        rows.append((f"decoding ({corpus}) goal: {goal['goal']}", f"median {goal['median']:.2f}, per seed "
-                     + ", ".join(f"{v:.2f}" for v in per_seed), f"best: {goal.get('best_rows', '')}",
-                     "met" if goal["met"] else "not met"))
-    rows += _overhead(r)
-    for name, row in r.get("ablation", {}).items():
-        rows.append((f"OPUT ablation ({corpus}): {name}", f"bound {row['ppl_bound']:.2f}, threshold "
-                     f"{row['threshold_tokens_per_forward_within_1.2x']:.2f} / SPD "
-                     f"{row['spd_cached_tokens_per_forward_within_1.2x']:.2f} tokens/forward within 1.2x",
-                     "one-token gen-ppl vs the base's", f"{row['one_token_vs_base']}"))
-    return rows
 
 
 def quality(r: dict) -> list[Row]:
